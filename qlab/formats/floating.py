@@ -1,0 +1,99 @@
+"""Binary floating-point grids: fp16, bf16, FP8 (E4M3, E5M2) and FP4 (E2M1).
+
+A value with sign s, exponent field E and mantissa field M is
+
+    normal     (E > 0):  (-1)^s * (1 + M / 2^m) * 2^(E - bias)
+    subnormal  (E = 0):  (-1)^s * (M / 2^m)     * 2^(1 - bias)
+
+so inside one binade [2^e, 2^(e+1)) the grid is uniform with step 2^(e - m): the spacing grows with
+the magnitude and the *relative* precision stays about 2^-m. What the top exponent means differs:
+
+* ``ieee``: E all ones is inf (M = 0) or NaN (fp16, bf16, E5M2);
+* ``fn``:   only E and M all ones is NaN, everything else is finite (E4M3 "fn": max 448, no inf);
+* ``none``: every code is a finite number (E2M1 from the OCP MX spec: max 6).
+
+Rounding is round-to-nearest, ties to even, and saturates at +-max (as FP8 quantization recipes do;
+torch's own cast saturates for E4M3 and overflows to inf for E5M2).
+
+>>> FloatGrid("fp8_e4m3", 4, 3, 7, 448.0).round(torch.tensor([0.3, 500.0]))
+tensor([  0.3125, 448.0000])
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FloatGrid:
+    name: str
+    exp_bits: int
+    man_bits: int
+    bias: int
+    max: float
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def specials(self) -> str:
+        return {"fp8_e4m3": "fn", "fp4_e2m1": "none"}.get(self.name, "ieee")
+
+    @property
+    def max_abs(self) -> float:
+        return self.max
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0 ** (1 - self.bias)
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (1 - self.bias - self.man_bits)
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon: the gap between 1.0 and the next representable value."""
+        return 2.0 ** -self.man_bits
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.clamp(x.abs().float(), max=self.max)
+        _, exp = torch.frexp(a)  # a = mant * 2^exp with mant in [0.5, 1): floor(log2 a) = exp - 1
+        e = torch.clamp(exp - 1, min=1 - self.bias)  # below the normal range the step stays fixed
+        step = torch.ldexp(torch.ones_like(a), e - self.man_bits)
+        r = torch.round(a / step) * step  # a/step is exact (power of two); torch.round ties to even
+        return torch.copysign(torch.clamp(r, max=self.max), x.float())
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        v = values.float()
+        a = v.abs()
+        m = self.man_bits
+        sign = torch.signbit(v).to(torch.int64)
+        _, exp = torch.frexp(a)
+        subnormal = a < self.min_normal
+        E = torch.where(subnormal, torch.zeros_like(exp), exp - 1 + self.bias).to(torch.int64)
+        M_sub = torch.ldexp(a, torch.full_like(exp, self.bias - 1 + m))
+        M_norm = torch.ldexp(a, (self.bias + m - E).to(torch.int32)) - 2**m
+        M = torch.where(subnormal, M_sub, M_norm).to(torch.int64)
+        return (sign << (self.exp_bits + m)) | (E << m) | M
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.int64)
+        m, e_all = self.man_bits, 2**self.exp_bits - 1
+        sign = (c >> (self.exp_bits + m)) & 1
+        E = (c >> m) & e_all
+        M = c & (2**m - 1)
+        significand = torch.where(E == 0, M, M + 2**m).to(torch.float32)
+        exponent = torch.where(E == 0, 1, E) - self.bias - m
+        value = torch.ldexp(significand, exponent.to(torch.int32))
+        if self.specials == "ieee":
+            value = torch.where(E == e_all, torch.where(M == 0, torch.inf, torch.nan), value)
+        elif self.specials == "fn":
+            value = torch.where((E == e_all) & (M == 2**m - 1), torch.nan, value)
+        return torch.where(sign == 1, -value, value)
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """Every finite value of the grid, sorted (for 16-bit formats: 65k values)."""
+        values = self.decode(torch.arange(2**self.bits))
+        return torch.unique(values[torch.isfinite(values)])

@@ -1,0 +1,59 @@
+"""Uniform integer grids.
+
+A b-bit integer grid is the integers qmin..qmax:
+
+* unsigned (used with a zero point, "asymmetric"): [0, 2^b - 1], e.g. uint4 = 0..15;
+* signed, full range:  [-2^(b-1), 2^(b-1) - 1], e.g. int8 = -128..127;
+* signed, restricted:  [-(2^(b-1) - 1), 2^(b-1) - 1], e.g. int8 = -127..127, symmetric around 0.
+
+Codes are stored unsigned ("offset binary"): code = q - qmin, so int4's -8..7 is stored as 0..15.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    bits: int
+    signed: bool = True
+    restricted: bool = False
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"integer grids have 1 to 8 bits, got bits={self.bits}")
+        if self.restricted and (not self.signed or self.bits < 2):
+            raise ValueError("the restricted range needs a signed grid of at least 2 bits")
+
+    @property
+    def name(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.restricted else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def max_abs(self) -> float:
+        # absmax scaling maps max|x| onto qmax (the positive end), as in scale = absmax / 127 for int8
+        return float(self.qmax)
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest integer (ties to even, like torch.round), clamped to [qmin, qmax]."""
+        return torch.clamp(torch.round(x), self.qmin, self.qmax)
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.int64) - self.qmin
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes.to(torch.int64) + self.qmin).to(torch.float32)

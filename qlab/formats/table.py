@@ -1,0 +1,60 @@
+"""Grids given by an explicit table of levels: NF4, ternary {-1, 0, 1}, binary {-1, 1}.
+
+NF4 (QLoRA, Dettmers et al. 2023, eq. 4 and appendix E): 16 levels placed at quantiles of a standard
+normal, made asymmetric so that 0 is exactly representable: 8 levels from the upper half
+(quantiles linspace(delta, 0.5, 9)[:-1] of the upper tail) and 7 from the lower half, plus 0,
+then divided by the largest so that they span [-1, 1]. delta = 0.9677083 is the QLoRA offset,
+chosen as the mean of the quantiles 1 - 1/(2*15) and 1 - 1/(2*16).
+"""
+from dataclasses import dataclass
+import math
+
+import torch
+
+NF4_OFFSET = 0.9677083
+
+
+def nf4_levels(offset: float = NF4_OFFSET) -> tuple:
+    """The 16 NF4 levels, built from normal quantiles (torch.special.ndtri is the inverse normal CDF).
+
+    The probabilities are a float32 linspace, the quantiles float64, the normalisation float32: the same
+    arithmetic as bitsandbytes' ``create_normal_map``, so the levels agree with its table bit for bit.
+    """
+    ppf = lambda p: torch.special.ndtri(p.double())  # noqa: E731
+    positive = ppf(torch.linspace(offset, 0.5, 9)[:-1])  # 8 levels > 0
+    negative = -ppf(torch.linspace(offset, 0.5, 8)[:-1])  # 7 levels < 0
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    return tuple((levels / levels.max()).tolist())
+
+
+@dataclass(frozen=True)
+class TableGrid:
+    name: str
+    table: tuple  # sorted levels
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(len(self.table))))
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return torch.tensor(self.table, dtype=torch.float32)
+
+    @property
+    def max_abs(self) -> float:
+        return max(abs(v) for v in self.table)
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode_nearest(x))
+
+    def encode_nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest level: count the midpoints below x."""
+        levels = self.levels
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        return torch.searchsorted(midpoints, x.float().contiguous())
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        return self.encode_nearest(values)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.levels[codes.to(torch.int64)]
