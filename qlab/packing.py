@@ -22,8 +22,8 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n * bits / 8) bytes."""
-    if not 1 <= bits <= 16:
-        raise ValueError(f"can pack 1 to 16 bits per code, got {bits}")
+    if not (1 <= bits <= 8 or bits == 16):
+        raise ValueError(f"can pack 1 to 8 or 16 bits per code, got {bits}")
     c = codes.reshape(-1).to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) to be packed in {bits} bits")

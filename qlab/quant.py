@@ -62,7 +62,10 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.format.startswith("int") and self.format[3:].isdigit():
-            IntGrid(int(self.format[3:]))  # raises a clear error for bits out of range
+            bits = int(self.format[3:])
+            IntGrid(bits)  # raises a clear error for bits out of range
+            if self.symmetric and bits < 2:
+                raise ValueError("a symmetric 1-bit integer grid is degenerate; use the 'binary' format")
         if self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; known: {', '.join(sorted(FORMATS))}")
         if self.rule not in _scales.RULES:
@@ -76,8 +79,6 @@ class QuantSpec:
             raise ValueError("the minmax rule is asymmetric; use absmax for symmetric grids")
         if self.rule == "absmax" and not self.symmetric:
             raise ValueError("the absmax rule is symmetric; use minmax (or mse) for asymmetric grids")
-        if is_int and self.symmetric and self.bits < 2:
-            raise ValueError("a symmetric 1-bit integer grid is degenerate; use the 'binary' format")
         if self.double_quant and not isinstance(self.granularity, (PerBlock, PerGroup)):
             raise ValueError("double quantization applies to per-block or per-group scales")
 
