@@ -280,3 +280,29 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
     """dequantize(quantize(x)): the values a quantized model computes with, in x's dtype."""
     return quantize(x, spec).dequantize()
+
+
+def worked_example(x: torch.Tensor, spec) -> "pandas.DataFrame":
+    """One row per element, the steps of quantization written out: x, x/scale (+ zero point), the code
+    q, the reconstruction x_hat = scale * (q - zero_point) and the error x - x_hat."""
+    import pandas as pd
+
+    qt = quantize(x, spec)
+    gran = qt.spec.granularity
+    G, _ = gran.to_groups(x.detach().float())
+    scale = qt.scales().reshape(-1)
+    zp = torch.zeros_like(scale) if qt.zero_point is None else qt.zero_point.reshape(-1).float()
+    group = torch.arange(G.shape[0])[:, None].expand(G.shape)
+    columns = {
+        "x": x.detach().float(),
+        "group": gran.from_groups(group.float(), x.shape),
+        "scale": gran.from_groups(scale[:, None].expand(G.shape), x.shape),
+        "zero_point": gran.from_groups(zp[:, None].expand(G.shape), x.shape),
+        "x/scale + zero_point": gran.from_groups(G / scale[:, None] + zp[:, None], x.shape),
+        "q": qt.values(),
+        "x_hat": qt.dequantize().float(),
+    }
+    df = pd.DataFrame({k: v.reshape(-1).numpy() for k, v in columns.items()})
+    df["group"] = df["group"].astype(int)
+    df["error"] = df["x"] - df["x_hat"]
+    return df
