@@ -51,15 +51,11 @@ class Int4Weight:
         from qlab.granularity import PerGroup
 
         spec = qt.spec
-        if qt.packed.numel() and len(qt.shape) != 2:
-            raise ValueError(f"W4A16 needs a 2-D weight, got shape {tuple(qt.shape)}")
-        grid = spec.grid if hasattr(spec, "grid") else None
-        bits = getattr(grid, "bits", None)
-        if bits != 4 or not isinstance(spec.granularity, PerGroup):
-            raise ValueError(f"W4A16 needs a 4-bit per-group spec, got {spec}")
-        qmin = float(grid.decode(torch.tensor([0])).item())  # value of code 0: -8 for int4, 0 for uint4
-        zero = None if qt.zero_point is None else (qt.zero_point.float() - qmin)
-        return cls(qt.packed, qt.scale.float(), zero, tuple(qt.shape), spec.granularity.size, -qmin)
+        if spec.bits != 4 or not isinstance(spec.granularity, PerGroup) or len(qt.shape) != 2:
+            raise ValueError(f"W4A16 needs a 2-D weight quantized with a 4-bit per-group spec, got {qt!r}")
+        qmin = spec.grid.decode(torch.tensor([0])).item()  # value of code 0: -8 (int4), -7 (restricted), 0 (uint4)
+        zero = None if qt.zero_point is None else qt.zero_point.float() - qmin
+        return cls(qt.packed, qt.scales(), zero, tuple(qt.shape), spec.granularity.size, -qmin)
 
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.packed, self.shape[0] * self.shape[1]).reshape(self.shape)

@@ -1,0 +1,101 @@
+"""FP8 E4M3 quantization of activations, with a dynamic scale per token or per tensor.
+
+E4M3 (OCP FP8, "e4m3fn": no infinities, largest finite value 448) has 3 mantissa bits, so its
+relative spacing is 2**-3 near every power of two. A scale maps the largest magnitude onto 448:
+
+    s = max |x| / 448        (over a row for 'token', over the whole tensor for 'tensor')
+    q = fp8_e4m3(clamp(x / s, -448, 448))     (round to nearest even; all-zero input gets s = 1)
+
+and x is approximately q * s. The cast must match ``torch.Tensor.to(torch.float8_e4m3fn)`` bit for
+bit. Example: x = [1.0, -3.5, 0.3], per tensor: s = 3.5 / 448 = 1/128, x / s = [128, -448, 38.4],
+and 38.4 lies between the E4M3 neighbours 36 and 40, so it becomes 40.
+"""
+from __future__ import annotations
+
+import torch
+
+from qlab.kernels import dispatch
+
+tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.Kernel)
+
+FP8_MAX = 448.0
+GRANULARITIES = ("token", "tensor")
+
+
+def quantize_fp8_reference(x: torch.Tensor, granularity: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: (q float8_e4m3fn [M, K], scale fp32 [M] or [1]) for x [M, K]."""
+    x = x.float()
+    absmax = x.abs().amax(dim=-1) if granularity == "token" else x.abs().amax().reshape(1)
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    s = scale[:, None] if granularity == "token" else scale
+    q = (x / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+@dispatch.kernel(default=dict(BLOCK_K=64),
+                 autotune=[dict(BLOCK_K=b, num_warps=w) for b, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]],
+                 key=("K",))
+def _absmax_kernel(x_ptr, amax_ptr, K, stride_xm, PER_TOKEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    running = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + m * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        running = tl.maximum(running, tl.abs(x))
+    amax = tl.max(running, axis=0)
+    if PER_TOKEN:
+        tl.store(amax_ptr + m, amax)
+    else:  # every row folds its maximum into one cell (amax >= 0, so a float atomic max is safe)
+        tl.atomic_max(amax_ptr, amax)
+
+
+@dispatch.kernel(default=dict(BLOCK_K=64),
+                 autotune=[dict(BLOCK_K=b, num_warps=w) for b, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]],
+                 key=("K",))
+def _quantize_kernel(x_ptr, q_ptr, amax_ptr, scale_ptr, K, stride_xm, stride_qm,
+                     PER_TOKEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.program_id(0)
+    row = m if PER_TOKEN else 0
+    amax = tl.load(amax_ptr + row)
+    scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+    tl.store(scale_ptr + row, scale)  # per tensor: every program writes the same value
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + m * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
+        # Round to the E4M3 grid in fp32 first (exact arithmetic): the spacing near v is
+        # 2**(e - 3) for v in [2**e, 2**(e+1)), and 2**-9 for subnormals (e < -6). The cast of an
+        # exactly representable value is then exact everywhere; Triton 3.9's interpreter rounds
+        # ties away from zero (and worse) when it has to round itself.
+        bits = v.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
+        e = tl.maximum(e, -6)
+        ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        t = tl.abs(v) / ulp  # exact: ulp is a power of two
+        r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
+        q = tl.where(bits < 0, -(r * ulp), r * ulp)  # the sign bit: keeps -0.0, as torch does
+        tl.store(q_ptr + m * stride_qm + k0 + rk, q.to(tl.float8e4nv), mask=k0 + rk < K)
+
+
+def quantize_fp8(x: torch.Tensor, granularity: str = "token", backend: str | None = None):
+    """(q float8_e4m3fn [..., K], scale fp32) with a dynamic scale per token (row) or per tensor.
+
+    The scale has shape x.shape[:-1] for 'token' and [1] for 'tensor'; dequantize with q.float() * scale.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    backend = dispatch.resolve(backend)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    per_token = granularity == "token"
+    if backend == "torch":
+        q, scale = quantize_fp8_reference(x2, granularity)
+    else:
+        m, k = x2.shape
+        n_scales = m if per_token else 1
+        amax = torch.zeros(n_scales, dtype=torch.float32, device=x.device)
+        scale = torch.empty(n_scales, dtype=torch.float32, device=x.device)
+        q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        _absmax_kernel.launch(backend, (m,), x2, amax, k, x2.stride(0), PER_TOKEN=per_token)
+        _quantize_kernel.launch(backend, (m,), x2, q, amax, scale, k, x2.stride(0), q.stride(0), PER_TOKEN=per_token)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1]) if per_token else scale
