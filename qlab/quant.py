@@ -34,6 +34,7 @@ FORMAT_DEFAULTS = {
     "binary": dict(granularity=PerTensor(), rule="absmean"),
     "fp16": dict(granularity=PerTensor(), rule="none"),
     "bf16": dict(granularity=PerTensor(), rule="none"),
+    "dynamic8": dict(granularity=PerBlock(256), rule="absmax", scale_dtype="fp32"),
 }
 INT_FORMATS = {f"int{b}" for b in range(1, 9)}
 FORMATS = INT_FORMATS | set(FORMAT_DEFAULTS)
@@ -44,12 +45,14 @@ class QuantSpec:
     """format + granularity + symmetric/asymmetric + scale rule (+ how scales are stored).
 
     format:       'int1'..'int8' (signed grid if symmetric, unsigned with a zero point if not),
-                  'fp8_e4m3', 'fp8_e5m2', 'fp4_e2m1', 'nf4', 'ternary', 'binary', 'fp16', 'bf16'
+                  'fp8_e4m3', 'fp8_e5m2', 'fp4_e2m1', 'nf4', 'ternary', 'binary', 'fp16', 'bf16',
+                  'dynamic8' (bitsandbytes' 8-bit dynamic tree code)
     granularity:  PerTensor(), PerChannel(axis), PerToken(), PerGroup(size), PerBlock(size)
     rule:         'absmax', 'minmax', 'mse', 'absmean', 'none' (see qlab.scales)
     restricted:   symmetric int only: [-(2^(b-1)-1), 2^(b-1)-1] (True) or the full [-2^(b-1), 2^(b-1)-1]
     scale_dtype:  'fp16', 'bf16' or 'fp32': scales are rounded to this and counted at its width
-    double_quant: NF4-style: the per-block scales are themselves quantized to int8 in blocks of 256
+    double_quant: QLoRA-style: the per-block scales, minus their mean, are themselves quantized
+                  (8-bit dynamic code, blocks of 256, fp32 second-level scales)
     """
 
     format: str = "int8"
@@ -146,7 +149,8 @@ def _defaults(fmt, symmetric):
     return d
 
 
-DOUBLE_QUANT_SPEC = QuantSpec("int8", PerBlock(256), symmetric=True, rule="absmax", scale_dtype="fp32")
+# QLoRA's second level: the mean-centred fp32 absmax constants in blocks of 256, 8-bit dynamic code
+DOUBLE_QUANT_SPEC = QuantSpec("dynamic8", PerBlock(256), symmetric=True, rule="absmax", scale_dtype="fp32")
 
 
 @dataclass

@@ -12,7 +12,7 @@ tensor([ 3., -8.])
 """
 from qlab.formats.integer import IntGrid
 from qlab.formats.floating import FloatGrid
-from qlab.formats.table import TableGrid, nf4_levels
+from qlab.formats.table import TableGrid, dynamic8_levels, nf4_levels
 
 import torch  # noqa: F401  (used by the doctest above)
 
@@ -31,6 +31,7 @@ def _build_registry() -> dict:
         TableGrid("nf4", nf4_levels()),
         TableGrid("ternary", (-1.0, 0.0, 1.0)),
         TableGrid("binary", (-1.0, 1.0)),
+        TableGrid("dynamic8", dynamic8_levels()),
     ):
         grids[grid.name] = grid
     return grids
@@ -54,4 +55,4 @@ def get_grid(name: str, restricted: bool = False):
     return grid
 
 
-__all__ = ["IntGrid", "FloatGrid", "TableGrid", "GRIDS", "get_grid", "nf4_levels"]
+__all__ = ["IntGrid", "FloatGrid", "TableGrid", "GRIDS", "get_grid", "nf4_levels", "dynamic8_levels"]

@@ -27,6 +27,21 @@ def nf4_levels(offset: float = NF4_OFFSET) -> tuple:
     return tuple((levels / levels.max()).tolist())
 
 
+def dynamic8_levels() -> tuple:
+    """The signed 8-bit "dynamic tree" code (Dettmers 2016, "8-Bit Approximations for Parallelism in
+    Deep Learning"), which bitsandbytes uses for blockwise 8-bit states and QLoRA for the second level of
+    double quantization. For exponent i = 0..6 the decade [10^(i-7), 10^(i-6)) holds 2^i linearly spaced
+    values (midpoints of linspace(0.1, 1, 2^i + 1), times 10^(i-6)), each with both signs; plus 0 and 1:
+    127 + 127 + 2 = 256 levels. Computed in float32, as bitsandbytes' create_dynamic_map does.
+    """
+    levels = [0.0, 1.0]
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        levels += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    return tuple(sorted(levels))
+
+
 @dataclass(frozen=True)
 class TableGrid:
     name: str

@@ -54,3 +54,13 @@ def test_bits_out_of_range(bad):
 def test_unknown_grid():
     with pytest.raises(ValueError, match="unknown number format"):
         get_grid("int17")
+
+
+def test_dynamic8_code_structure():
+    # bitsandbytes' signed dynamic map: 127 values of each sign in 7 decades, plus 0 and 1.0
+    levels = get_grid("dynamic8").levels
+    assert levels.numel() == 256 and levels.unique().numel() == 256
+    assert levels.max() == 1.0 and levels.min() == pytest.approx(-0.99296875)
+    positive = levels[levels > 0]
+    assert positive.min() == pytest.approx(0.55e-6)  # (0.1 + 1) / 2 * 1e-6
+    assert ((positive >= 1e-2) & (positive < 1e-1)).sum() == 2**4  # decade 10^-2: 16 values
