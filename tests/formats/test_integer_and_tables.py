@@ -63,4 +63,5 @@ def test_dynamic8_code_structure():
     assert levels.max() == 1.0 and levels.min() == pytest.approx(-0.99296875)
     positive = levels[levels > 0]
     assert positive.min() == pytest.approx(0.55e-6)  # (0.1 + 1) / 2 * 1e-6
-    assert ((positive >= 1e-2) & (positive < 1e-1)).sum() == 2**4  # decade 10^-2: 16 values
+    assert ((positive >= 1e-3) & (positive < 1e-2)).sum() == 2**4  # exponent i = 4: 16 values
+    assert ((positive >= 1e-2) & (positive < 1e-1)).sum() == 2**5
