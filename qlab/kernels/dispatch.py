@@ -29,7 +29,9 @@ BACKENDS = ("torch", "triton", "interpret")
 
 
 def triton_installed() -> bool:
-    return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
+    if "triton" in sys.modules:  # imported already (or blocked with None)
+        return sys.modules["triton"] is not None
+    return importlib.util.find_spec("triton") is not None
 
 
 def import_triton():
