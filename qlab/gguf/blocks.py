@@ -1,0 +1,205 @@
+"""GGUF block formats: the registry, the shared reshaping, and the quantized tensor they produce.
+
+A GGUF block format cuts every row of a weight matrix into blocks of ``block_size`` values and
+stores each block in ``type_size`` bytes (llama.cpp's ``ggml-common.h`` structs). So
+
+    bits per weight = 8 · type_size / block_size        (Q4_K: 8·144/256 = 4.5)
+
+The base class :class:`BlockFormat` does all the reshaping (rows -> blocks -> rows, chunking,
+importance weights); a subclass implements only ``quantize_blocks`` / ``dequantize_blocks`` on a
+``[B, block_size]`` float32 array <-> a ``[B, type_size]`` uint8 array, byte for byte as llama.cpp.
+
+>>> FORMATS["Q4_K"].bits_per_weight, FORMATS["Q8_0"].bits_per_weight
+(4.5, 8.5)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from qlab.gguf.search import F32, seqsum
+
+QK_K = 256  # super-block size of the k-quants
+
+FORMATS: dict[str, "BlockFormat"] = {}
+
+
+def register(cls):
+    """Class decorator: add one instance of a block format to :data:`FORMATS` under its name."""
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def get_format(name: str) -> "BlockFormat":
+    try:
+        return FORMATS[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown GGUF block format {name!r}; known: {sorted(FORMATS)}") from None
+
+
+# ---------------------------------------------------------------- byte helpers (little endian)
+
+def f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float32 [B] -> [B, 2] uint8 of the IEEE half (round to nearest even, as ggml)."""
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def f16_round(x: np.ndarray) -> np.ndarray:
+    """The float32 value that a half-precision store then load gives back."""
+    return x.astype(np.float16).astype(F32)
+
+
+def read_f16(data: np.ndarray, offset: int) -> np.ndarray:
+    """Bytes ``offset, offset+1`` of each block as a half, returned as float32 [B]."""
+    return np.ascontiguousarray(data[:, offset:offset + 2]).view(np.float16)[:, 0].astype(F32)
+
+
+# ---------------------------------------------------------------- the base class
+
+class BlockFormat:
+    """One GGUF block format. Subclasses set the class attributes and the two block methods."""
+
+    name: str
+    block_size: int
+    type_size: int
+    ggml_type: GGMLQuantizationType
+    f16_offsets: tuple[int, ...]  # byte offsets of the fp16 fields (d, dmin/m) inside a block
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+    # -- subclass API
+    def quantize_blocks(self, x: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None) -> np.ndarray:
+        """``x [B, block_size]`` float32 -> ``[B, type_size]`` uint8.
+
+        ``qw`` are the importance weights of each value (the imatrix entry of its column) or None;
+        ``sigma2 [B]`` is the mean square of the whole row the block comes from (the legacy
+        formats' imatrix path weighs each value by ``qw·sqrt(sigma2 + x²)``).
+        """
+        raise NotImplementedError
+
+    def dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
+        """``[B, type_size]`` uint8 -> ``[B, block_size]`` float32."""
+        raise NotImplementedError
+
+    # -- reshaping, shared by all formats
+    def check_row(self, n: int) -> None:
+        if n % self.block_size:
+            raise ValueError(f"{self.name} needs rows whose length is a multiple of {self.block_size}; got {n}")
+
+    def quantize_rows(self, rows: np.ndarray, imatrix: np.ndarray | None = None,
+                      chunk_elems: int = 1 << 20) -> np.ndarray:
+        """``[R, n]`` float32 -> ``[R, n/block_size·type_size]`` uint8 (what llama.cpp writes)."""
+        rows = np.ascontiguousarray(rows, dtype=F32)
+        R, n = rows.shape
+        self.check_row(n)
+        if imatrix is not None:
+            imatrix = np.asarray(imatrix, dtype=F32).reshape(-1)
+            if imatrix.shape[0] != n:
+                raise ValueError(f"imatrix has {imatrix.shape[0]} entries, rows have {n}")
+        nb = n // self.block_size
+        out = np.empty((R, nb * self.type_size), np.uint8)
+        step = max(1, chunk_elems // n)
+        for r0 in range(0, R, step):
+            x = rows[r0:r0 + step]
+            r = x.shape[0]
+            blocks = x.reshape(r * nb, self.block_size)
+            qw = sigma2 = None
+            if imatrix is not None:
+                qw = np.broadcast_to(imatrix.reshape(nb, self.block_size), (r, nb, self.block_size))
+                qw = qw.reshape(r * nb, self.block_size)
+                sigma2 = np.repeat(seqsum(x * x) / F32(n), nb)
+            with np.errstate(all="ignore"):
+                out[r0:r0 + r] = self.quantize_blocks(blocks, qw, sigma2).reshape(r, -1)
+        return out
+
+    def dequantize_rows(self, data: np.ndarray, n: int) -> np.ndarray:
+        """``[R, bytes]`` uint8 -> ``[R, n]`` float32."""
+        self.check_row(n)
+        R = data.shape[0]
+        nb = n // self.block_size
+        if data.shape[1] != nb * self.type_size:
+            raise ValueError(f"{self.name}: a row of {n} values takes {nb * self.type_size} bytes, got {data.shape[1]}")
+        blocks = np.ascontiguousarray(data).reshape(R * nb, self.type_size)
+        return self.dequantize_blocks(blocks).reshape(R, n)
+
+    def finite_scales(self, data: np.ndarray) -> bool:
+        """True when every fp16 scale/min field of every block is finite (no corrupted NaN/inf)."""
+        blocks = np.ascontiguousarray(data).reshape(-1, self.type_size)
+        return all(np.isfinite(read_f16(blocks, o)).all() for o in self.f16_offsets)
+
+    def __repr__(self):
+        return f"{self.name}(block={self.block_size}, bytes={self.type_size}, bpw={self.bits_per_weight:g})"
+
+
+def format_table() -> list[dict]:
+    """One row per block format: name, block size, bytes per block, effective bits per weight."""
+    return [dict(name=f.name, block_size=f.block_size, type_size=f.type_size, bits_per_weight=f.bits_per_weight)
+            for f in FORMATS.values()]
+
+
+# ---------------------------------------------------------------- the quantized tensor
+
+@dataclass
+class GGUFTensor:
+    """A tensor stored in a GGUF block format (the bytes llama.cpp would hold in memory).
+
+    Same attribute names as ``qlab.QuantizedTensor`` where they mean the same thing, so sweeps can
+    put both on one plot: ``.shape``, ``.nbytes``, ``.bits_per_weight``, ``.dequantize()``.
+    ``data`` is ``[rows, bytes_per_row]`` uint8, rows being all leading dims of ``shape`` flattened.
+    """
+
+    qtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def format(self) -> BlockFormat:
+        return get_format(self.qtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.format.dequantize_rows(self.data, self.shape[-1])
+        return torch.from_numpy(rows.reshape(self.shape)).to(self.dtype)
+
+    def __repr__(self):
+        return f"GGUFTensor({self.qtype}, shape={tuple(self.shape)}, {self.bits_per_weight:g} bpw)"
+
+
+def quantize(x, qtype: str, imatrix=None) -> GGUFTensor:
+    """Quantize a tensor (torch or numpy, last dim = rows) to a GGUF block format.
+
+    ``imatrix`` (length = last dim) switches to llama.cpp's importance-weighted search, as
+    ``llama-quantize --imatrix`` does; without it the reference (``*_ref``) path is used.
+    """
+    fmt = get_format(qtype)
+    is_torch = isinstance(x, torch.Tensor)
+    dtype = x.dtype if is_torch else torch.float32
+    arr = x.detach().float().cpu().numpy() if is_torch else np.asarray(x, dtype=F32)
+    if arr.ndim == 0:
+        raise ValueError("cannot block-quantize a scalar")
+    if imatrix is not None and isinstance(imatrix, torch.Tensor):
+        imatrix = imatrix.detach().float().cpu().numpy()
+    rows = arr.reshape(-1, arr.shape[-1])
+    data = fmt.quantize_rows(rows, imatrix)
+    return GGUFTensor(fmt.name, tuple(arr.shape), data, dtype)
+
+
+def dequantize(t: GGUFTensor) -> torch.Tensor:
+    return t.dequantize()

@@ -1,0 +1,318 @@
+"""The k-quants: super-blocks of 256 values whose sub-block scales are themselves quantized.
+
+One super-block = 16 sub-blocks of 16 (Q2_K, Q3_K, Q6_K) or 8 sub-blocks of 32 (Q4_K, Q5_K).
+Each sub-block has a small integer scale (and min); one fp16 ``d`` (and ``dmin``) per super-block
+turns those integers back into floats. Layouts (``block_qN_K`` in ggml-common.h):
+
+    Q2_K  scales[16] (4-bit scale | 4-bit min), qs[64] (2-bit), d, dmin   84 B  -> 2.625 bpw
+          x = d·sc·q - dmin·m
+    Q3_K  hmask[32] (3rd bit), qs[64] (low 2 bits), scales[12] (16 × 6-bit), d   110 B -> 3.4375 bpw
+          x = d·(sc - 32)·(q - 4)
+    Q4_K  d, dmin, scales[12] (8 × 6-bit scale + 8 × 6-bit min), qs[128] (4-bit)   144 B -> 4.5 bpw
+          x = d·sc·q - dmin·m
+    Q5_K  d, dmin, scales[12], qh[32] (5th bit), qs[128]   176 B -> 5.5 bpw
+    Q6_K  ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d   210 B -> 6.5625 bpw
+          x = d·sc·(q - 32)
+
+Bits are interleaved for SIMD: in Q4_K byte l of chunk c (64 values) holds value 64c+l in its low
+nibble and 64c+32+l in its high nibble; in Q2_K/Q3_K byte l of half h holds values
+128h + 32j + l in bits 2j..2j+1 (j = 0..3).
+
+Quantization follows llama.cpp: the reference path (``quantize_row_qN_K_ref``) when no importance
+matrix is given, the ``_impl`` path (``make_qkx3_quants`` + ``make_qp_quants`` for the sub-block
+scales) when one is.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qlab.gguf.blocks import BlockFormat, register, f16_bytes, f16_round, read_f16, QK_K
+from qlab.gguf.search import (F32, GROUP_MAX_EPS, nearest_int, seqsum, signed_extreme,
+                              make_qx_quants, make_q3_quants, make_qkx_quants, make_qp_quants)
+
+
+def _u8(v):
+    """C's conversion of an int to uint8_t (wraps modulo 256)."""
+    return (v.astype(np.int64) & 0xFF)
+
+
+def _requantize(x, d, dm, qmax, L, offset=0):
+    """Final levels from the stored (fp16, integer) scales: clip(round((x + dm)/d)) per sub-block.
+
+    x, L: [B, S, n]; d, dm: [B, S]. Sub-blocks whose d is 0 keep the search's levels, as the C does.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        new = np.clip(nearest_int((x + dm[..., None]) / d[..., None]), -offset, qmax - offset) + offset
+    return np.where((d != 0)[..., None], new, L)
+
+
+# ---------------------------------------------------------------- bit packing
+
+def _pack_2bit(L):
+    """[B, 256] values 0..3 -> [B, 64]: byte 32h+l holds values 128h+32j+l at bits 2j (j=0..3)."""
+    L = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_2bit(qs):
+    q = qs.reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    return (q & 3).reshape(-1, QK_K)
+
+
+def _pack_4bit(L):
+    """[B, 256] 0..15 -> [B, 128]: byte 32c+l holds value 64c+l (low) and 64c+32+l (high)."""
+    L = L.astype(np.uint8).reshape(-1, 4, 2, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unpack_4bit(qs):
+    q = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(-1, QK_K)
+
+
+def _pack_bitplane(bits, n_planes):
+    """[B, n_planes·32] single bits -> [B, 32]: byte l holds bit p of value 32p+l at position p."""
+    b = bits.astype(np.uint8).reshape(-1, n_planes, 32)
+    return (b << np.arange(n_planes, dtype=np.uint8).reshape(1, -1, 1)).sum(axis=1, dtype=np.uint8)
+
+
+def _unpack_bitplane(plane, n_planes):
+    b = plane.reshape(-1, 1, 32) >> np.arange(n_planes, dtype=np.uint8).reshape(1, -1, 1)
+    return (b & 1).reshape(-1, n_planes * 32)
+
+
+def _pack_scale_min_k4(ls, lm):
+    """8 six-bit scales + 8 six-bit mins -> 12 bytes (llama.cpp's get_scale_min_k4 layout)."""
+    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
+    lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return np.concatenate([lo, mid, hi], axis=1)
+
+
+def _unpack_scale_min_k4(s):
+    s = s.astype(np.int32)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _pack_scales_q3(l6):
+    """16 six-bit values -> 12 bytes: low nibbles in bytes 0..7, top 2 bits in bytes 8..11."""
+    l6 = l6.astype(np.uint8)
+    low = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
+    top = (l6 >> 4).reshape(-1, 4, 4)                      # [B, j//4, j%4]
+    high = (top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6))
+    return np.concatenate([low, high], axis=1)
+
+
+def _unpack_scales_q3(s):
+    s = s.astype(np.int32)
+    low = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1)
+    top = (s[:, 8:12].reshape(-1, 1, 4) >> (2 * np.arange(4)).reshape(1, 4, 1)) & 3   # [B, j//4, j%4]
+    return low | (top.reshape(-1, 16) << 4)
+
+
+def _superblock_sigma2(x, factor):
+    """factor · Σx²/256 per super-block, summed left to right (the imatrix paths' σ²)."""
+    return (F32(factor) * seqsum(x * x) / F32(QK_K)).astype(F32)
+
+
+# ---------------------------------------------------------------- Q2_K
+
+@register
+class Q2_K(BlockFormat):
+    name, block_size, type_size, ggml_type = "Q2_K", QK_K, 84, T.Q2_K
+    f16_offsets = (80, 82)
+
+    def quantize_blocks(self, x, qw, sigma2):
+        B = x.shape[0]
+        xs = x.reshape(B * 16, 16)
+        if qw is None:
+            scales, mins, L = make_qkx_quants(xs, 3, np.abs(xs), -0.5, 0.1, 15, True)
+            scales, mins = scales.reshape(B, 16), mins.reshape(B, 16)
+            max_scale = np.maximum(scales.max(axis=1), F32(0))
+            max_min = np.maximum(mins.max(axis=1), F32(0))
+            with np.errstate(divide="ignore"):
+                ls = np.where((max_scale > 0)[:, None], _u8(nearest_int((F32(15) / max_scale)[:, None] * scales)), 0)
+                lm = np.where((max_min > 0)[:, None], nearest_int((F32(15) / max_min)[:, None] * mins), 0)
+            sc_byte = (ls | (lm.astype(np.int64) << 4)) & 0xFF
+            d = np.where(max_scale > 0, max_scale / F32(15), F32(0)).astype(F32)
+            dmin = np.where(max_min > 0, max_min / F32(15), F32(0)).astype(F32)
+        else:
+            s2 = _superblock_sigma2(x, 1)
+            w = (qw * np.sqrt(s2[:, None] + x * x)).astype(F32).reshape(B * 16, 16)
+            scales, mins, L = make_qkx_quants(xs, 3, w, -0.9, 0.05, 36, False)
+            sw = seqsum(w).reshape(B, 16)
+            d, Ls = make_qp_quants(scales.reshape(B, 16), 15, sw)
+            dmin, Lm = make_qp_quants(mins.reshape(B, 16), 15, sw)
+            sc_byte = (Ls.astype(np.int64) | (Lm.astype(np.int64) << 4)) & 0xFF
+        dq, mq = f16_round(d), f16_round(dmin)
+        sub_d = (dq[:, None] * (sc_byte & 0xF).astype(F32)).astype(F32)
+        sub_m = (mq[:, None] * (sc_byte >> 4).astype(F32)).astype(F32)
+        L = _requantize(x.reshape(B, 16, 16), sub_d, sub_m, 3, L.reshape(B, 16, 16))
+        return np.concatenate([sc_byte.astype(np.uint8), _pack_2bit(L.reshape(B, QK_K)),
+                               f16_bytes(d), f16_bytes(dmin)], axis=1)
+
+    def dequantize_blocks(self, data):
+        sc = data[:, :16].astype(np.int32)
+        q = _unpack_2bit(data[:, 16:80]).astype(F32).reshape(-1, 16, 16)
+        d, dmin = read_f16(data, 80), read_f16(data, 82)
+        dl = (d[:, None] * (sc & 0xF).astype(F32))[..., None]
+        ml = (dmin[:, None] * (sc >> 4).astype(F32))[..., None]
+        return (dl * q - ml).reshape(-1, QK_K).astype(F32)
+
+
+# ---------------------------------------------------------------- Q3_K
+
+@register
+class Q3_K(BlockFormat):
+    name, block_size, type_size, ggml_type = "Q3_K", QK_K, 110, T.Q3_K
+    f16_offsets = (108,)
+
+    def quantize_blocks(self, x, qw, sigma2):
+        B = x.shape[0]
+        xs = x.reshape(B * 16, 16)
+        if qw is None:
+            scales, L = make_q3_quants(xs, 4)
+            scales = scales.reshape(B, 16)
+            max_scale = signed_extreme(scales)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                iscale = F32(-32) / max_scale
+                l6 = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+                d = F32(1) / iscale
+            l6 = np.where((max_scale != 0)[:, None], l6, 0)
+            d = np.where(max_scale != 0, d, F32(0)).astype(F32)
+        else:
+            s2 = _superblock_sigma2(x, 2)
+            w = (qw * np.sqrt(s2[:, None] + x * x)).astype(F32).reshape(B * 16, 16)
+            scales, L = make_qx_quants(xs, 4, w)
+            d, l6 = make_qx_quants(scales.reshape(B, 16), 32, seqsum(w).reshape(B, 16))
+        sc_bytes = _pack_scales_q3(l6.astype(np.int64))
+        sub_d = (f16_round(d)[:, None] * (l6 - 32).astype(F32)).astype(F32)
+        L = _requantize(x.reshape(B, 16, 16), sub_d, np.zeros_like(sub_d), 7, L.reshape(B, 16, 16), offset=4)
+        L = L.reshape(B, QK_K).astype(np.int64)
+        high = L > 3
+        return np.concatenate([_pack_bitplane(high, 8), _pack_2bit(L & 3), sc_bytes, f16_bytes(d)], axis=1)
+
+    def dequantize_blocks(self, data):
+        high = _unpack_bitplane(data[:, :32], 8).astype(np.int32)
+        q = _unpack_2bit(data[:, 32:96]).astype(np.int32)
+        sc = _unpack_scales_q3(data[:, 96:108]) - 32
+        d = read_f16(data, 108)
+        dl = (d[:, None] * sc.astype(F32))[..., None]
+        val = (q - 4 * (1 - high)).astype(F32).reshape(-1, 16, 16)
+        return (dl * val).reshape(-1, QK_K).astype(F32)
+
+
+# ---------------------------------------------------------------- Q4_K and Q5_K
+
+class _KAffine(BlockFormat):
+    """Q4_K / Q5_K: 8 sub-blocks of 32, x = d·sc·q - dmin·m, sc and m on 6 bits."""
+
+    block_size = QK_K
+    f16_offsets = (0, 2)
+    qmax: int
+    ref_search: tuple  # (rmin, rdelta, nstep) of make_qkx2_quants in the reference path
+
+    def levels(self, x, qw):
+        """Search, quantize the sub-block scales to 6 bits, requantize. Returns d, dmin, ls, lm, L."""
+        B = x.shape[0]
+        xs = x.reshape(B * 8, 32)
+        if qw is None:
+            av_x = np.sqrt(seqsum(xs * xs) / F32(32))
+            w = (av_x[:, None] + np.abs(xs)).astype(F32)
+            scales, mins, L = make_qkx_quants(xs, self.qmax, w, *self.ref_search, False)
+            scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
+            max_scale = np.maximum(scales.max(axis=1), F32(0))
+            max_min = np.maximum(mins.max(axis=1), F32(0))
+            with np.errstate(divide="ignore"):
+                inv_s = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+                inv_m = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+            ls = np.minimum(_u8(nearest_int(inv_s[:, None] * scales)), 63)
+            lm = np.minimum(_u8(nearest_int(inv_m[:, None] * mins)), 63)
+            d, dmin = (max_scale / F32(63)).astype(F32), (max_min / F32(63)).astype(F32)
+        else:
+            s2 = _superblock_sigma2(x, 2)
+            w = (qw * np.sqrt(s2[:, None] + x * x)).astype(F32).reshape(B * 8, 32)
+            scales, mins, L = make_qkx_quants(xs, self.qmax, w, -0.9, 0.05, 36, False)
+            sw = seqsum(w).reshape(B, 8)
+            d, ls = make_qp_quants(scales.reshape(B, 8), 63, sw)
+            dmin, lm = make_qp_quants(mins.reshape(B, 8), 63, sw)
+            ls, lm = np.minimum(ls, 63).astype(np.int64), np.minimum(lm, 63).astype(np.int64)
+        sub_d = (f16_round(d)[:, None] * ls.astype(F32)).astype(F32)
+        sub_m = (f16_round(dmin)[:, None] * lm.astype(F32)).astype(F32)
+        L = _requantize(x.reshape(B, 8, 32), sub_d, sub_m, self.qmax, L.reshape(B, 8, 32))
+        return d, dmin, ls, lm, L.reshape(B, QK_K).astype(np.int64)
+
+    def dequantize_blocks(self, data):
+        d, dmin = read_f16(data, 0), read_f16(data, 2)
+        sc, mn = _unpack_scale_min_k4(data[:, 4:16])
+        q = self.stored_codes(data).astype(F32).reshape(-1, 8, 32)
+        dl = (d[:, None] * sc.astype(F32))[..., None]
+        ml = (dmin[:, None] * mn.astype(F32))[..., None]
+        return (dl * q - ml).reshape(-1, QK_K).astype(F32)
+
+
+@register
+class Q4_K(_KAffine):
+    name, type_size, ggml_type, qmax, ref_search = "Q4_K", 144, T.Q4_K, 15, (-1.0, 0.1, 20)
+
+    def quantize_blocks(self, x, qw, sigma2):
+        d, dmin, ls, lm, L = self.levels(x, qw)
+        return np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_4bit(L)], axis=1)
+
+    def stored_codes(self, data):
+        return _unpack_4bit(data[:, 16:144])
+
+
+@register
+class Q5_K(_KAffine):
+    name, type_size, ggml_type, qmax, ref_search = "Q5_K", 176, T.Q5_K, 31, (-0.5, 0.1, 15)
+
+    def quantize_blocks(self, x, qw, sigma2):
+        d, dmin, ls, lm, L = self.levels(x, qw)
+        return np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(ls, lm),
+                               _pack_bitplane(L >> 4, 8), _pack_4bit(L & 0xF)], axis=1)
+
+    def stored_codes(self, data):
+        return _unpack_4bit(data[:, 48:176]) | (_unpack_bitplane(data[:, 16:48], 8) << 4)
+
+
+# ---------------------------------------------------------------- Q6_K
+
+@register
+class Q6_K(BlockFormat):
+    name, block_size, type_size, ggml_type = "Q6_K", QK_K, 210, T.Q6_K
+    f16_offsets = (208,)
+
+    def quantize_blocks(self, x, qw, sigma2):
+        B = x.shape[0]
+        xs = x.reshape(B * 16, 16)
+        scales, L = make_qx_quants(xs, 32, None if qw is None else qw.reshape(B * 16, 16))
+        scales = scales.reshape(B, 16)
+        max_scale = signed_extreme(scales)
+        empty = np.abs(max_scale) < GROUP_MAX_EPS
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-128) / max_scale
+            d = np.where(empty, F32(0), F32(1) / iscale).astype(F32)
+            sc = np.where(empty[:, None], 0, np.minimum(nearest_int(iscale[:, None] * scales), 127))
+        sc = sc.astype(np.int64)
+        sub_d = (f16_round(d)[:, None] * sc.astype(F32)).astype(F32)
+        L = _requantize(x.reshape(B, 16, 16), sub_d, np.zeros_like(sub_d), 63, L.reshape(B, 16, 16), offset=32)
+        L = np.where(empty[:, None, None], 0, L).reshape(B, 2, 4, 32).astype(np.uint8)   # [B, half, k, l]
+        lo, hi = L & 0xF, L >> 4
+        ql = (lo[:, :, 0:2] | (lo[:, :, 2:4] << 4)).reshape(B, 128)
+        qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(B, 64)
+        return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), f16_bytes(d)], axis=1)
+
+    def dequantize_blocks(self, data):
+        ql = data[:, :128].reshape(-1, 2, 2, 32)                    # [B, half, k%2, l]
+        lo = np.concatenate([ql & 0xF, ql >> 4], axis=2)            # [B, half, k, l]
+        qh = data[:, 128:192].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+        q = (lo.astype(np.int32) | ((qh & 3).astype(np.int32) << 4)) - 32
+        sc = np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(F32)
+        d = read_f16(data, 208)
+        dl = (d[:, None] * sc)[..., None]
+        return (dl * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K).astype(F32)
