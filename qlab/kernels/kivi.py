@@ -78,7 +78,7 @@ def kivi_quantize_reference(x: torch.Tensor, bits: int, group_size: int, kind: s
     scale_e = torch.where(mx_e > mn_e, (mx_e - mn_e) / qmax, torch.ones_like(mn_e))
     q = torch.round((xf - mn_e) / scale_e).clamp(0, qmax).to(torch.int64)  # [B, T, D]
     per_byte = 8 // bits
-    shifts = bits * torch.arange(per_byte)
+    shifts = bits * torch.arange(per_byte, device=x.device)
     packed = (q.reshape(-1, t, d // per_byte, per_byte) << shifts).sum(-1).to(torch.uint8)
     return KVQuantized(packed.reshape(*lead, t, d // per_byte), scale.reshape(*lead, *scale.shape[1:]),
                        mn.reshape(*lead, *mn.shape[1:]), tuple(x.shape), bits, group_size, kind)
@@ -89,7 +89,7 @@ def kivi_dequantize_reference(qkv: KVQuantized) -> torch.Tensor:
     *lead, t, d = qkv.shape
     per_byte = 8 // qkv.bits
     p = qkv.packed.reshape(-1, t, d // per_byte).to(torch.int64)
-    q = ((p[..., None] >> (qkv.bits * torch.arange(per_byte))) & (2**qkv.bits - 1)).reshape(-1, t, d)
+    q = ((p[..., None] >> (qkv.bits * torch.arange(per_byte, device=p.device))) & (2**qkv.bits - 1)).reshape(-1, t, d)
     axis = 1 if qkv.kind == "key" else 2
     scale = qkv.scale.reshape(q.shape[0], *qkv.scale.shape[-2:]).repeat_interleave(qkv.group_size, axis)
     mn = qkv.minimum.reshape(scale.shape[0], *qkv.minimum.shape[-2:]).repeat_interleave(qkv.group_size, axis)

@@ -60,7 +60,7 @@ class NF4Weight:
 
     def absmax(self) -> torch.Tensor:
         """The decoded first-level constants c1 [n_blocks]."""
-        b = torch.arange(self.absmax_codes.numel())
+        b = torch.arange(self.absmax_codes.numel(), device=self.absmax_codes.device)
         c2 = self.absmax_scale[b // self.absmax_blocksize]
         return self.absmax_table[self.absmax_codes.long()] * c2 + self.absmax_mean
 
@@ -80,7 +80,7 @@ def nf4_dequantize_reference(weight: NF4Weight) -> torch.Tensor:
     """Torch reference: W[e] = NF4[code[e]] * c1[e // blocksize], in fp32."""
     codes = unpack_int4(weight.packed, weight.numel)
     c1 = weight.absmax()
-    e = torch.arange(weight.numel)
+    e = torch.arange(weight.numel, device=codes.device)
     return (weight.levels[codes] * c1[e // weight.blocksize]).reshape(weight.shape)
 
 

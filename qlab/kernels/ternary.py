@@ -43,7 +43,7 @@ class TernaryWeight:
         """T in {-1, 0, 1} as float32 [N, K]."""
         n = self.shape[0] * self.shape[1]
         p = self.packed.reshape(-1).to(torch.int64)
-        codes = ((p[:, None] >> (2 * torch.arange(4))) & 3).reshape(-1)[:n]
+        codes = ((p[:, None] >> (2 * torch.arange(4, device=p.device))) & 3).reshape(-1)[:n]
         return (codes - 1).float().reshape(self.shape)
 
     def dequantize(self) -> torch.Tensor:
