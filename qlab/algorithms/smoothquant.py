@@ -1,0 +1,121 @@
+"""SmoothQuant (Xiao et al. 2023): W8A8 made accurate by migrating difficulty from activations to weights.
+
+Activations of LLMs have a few channels ~100x larger than the rest, the same channels on every
+token. Per-token int8 cannot isolate them (a scale per token, not per channel) and per-channel
+activation scales would not factor out of the matmul. SmoothQuant divides channel j of the activations
+by s_j and multiplies the matching weight column by s_j (folded offline into the previous RMSNorm,
+see ``qlab.transforms``), with
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)                                            (eq. 4)
+
+alpha = 0.5 splits the difficulty evenly: after smoothing, max|X_j / s_j| = max|W_j s_j| =
+sqrt(max|X_j| max|W_j|) for every channel j. Then both sides are int8:
+
+* weights: int8, one scale per output channel (absmax);
+* activations: int8 per token (dynamic), or per tensor, either dynamic (absmax of each batch) or
+  static (one scale from calibration: max|x| / 127).
+
+The matmul accumulates integers exactly and applies the two scales once: y = (qx qw^T) * sx * sw.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlab.granularity import PerChannel, PerTensor, PerToken
+from qlab.quant import QuantSpec, QuantizedTensor, quantize, validate
+
+WEIGHT_SPEC = QuantSpec("int8", PerChannel(0), symmetric=True, rule="absmax", scale_dtype="fp32")
+ACT_SPECS = {
+    "token": QuantSpec("int8", PerToken(), symmetric=True, rule="absmax", scale_dtype="fp32"),
+    "tensor": QuantSpec("int8", PerTensor(), symmetric=True, rule="absmax", scale_dtype="fp32"),
+    "static": QuantSpec("int8", PerTensor(), symmetric=True, rule="absmax", scale_dtype="fp32"),
+}
+
+
+def max_abs(X: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant's activation statistic: max |x| per input channel over all tokens of X [..., in]."""
+    return X.reshape(-1, X.shape[-1]).abs().float().amax(dim=0)
+
+
+def smoothing_scales(act_max: torch.Tensor, weights, alpha: float = 0.5) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), W_j over every Linear reading channel j (eq. 4).
+
+    >>> smoothing_scales(torch.tensor([16., 1.]), [torch.tensor([[1., 4.]])], alpha=0.5)
+    tensor([4.0000, 0.5000])
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"the migration strength alpha must lie in [0, 1], got {alpha}")
+    weights = [w.weight.data if isinstance(w, nn.Linear) else w for w in weights]
+    w_max = torch.stack([W.abs().float().amax(dim=0) for W in weights]).amax(dim=0)
+    s = act_max.float().clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def quantize_activations(X: torch.Tensor, act: str = "token", static_scale=None) -> QuantizedTensor:
+    """int8 activations: 'token' (dynamic per row), 'tensor' (dynamic per tensor), 'static' (given scale)."""
+    if act not in ACT_SPECS:
+        raise ValueError(f"activation quantization must be one of {', '.join(ACT_SPECS)}, got {act!r}")
+    X = X.reshape(-1, X.shape[-1])
+    if act == "static":
+        if static_scale is None:
+            raise ValueError("static activation quantization needs a calibrated scale (max|x| / 127)")
+        return quantize(X, ACT_SPECS[act], scale=torch.as_tensor(static_scale, dtype=torch.float32))
+    return quantize(X, ACT_SPECS[act])
+
+
+def int8_matmul(qx: QuantizedTensor, qw: QuantizedTensor) -> torch.Tensor:
+    """y = (qx qw^T) * sx * sw with the integer products summed exactly (int64 accumulator)."""
+    acc = qx.values().long() @ qw.values().long().T  # [tokens, out], exact integers
+    sx = qx.scales().reshape(-1, 1) if qx.scales().numel() > 1 else qx.scales().reshape(1, 1)
+    return acc.double().mul(sx.double()).mul(qw.scales().double().reshape(1, -1)).float()
+
+
+class W8A8Linear(nn.Module):
+    """A Linear computing in int8 x int8: weights int8 per output channel, activations int8 per token
+    or per tensor. Build one with ``W8A8Linear.from_linear(linear, act='token')``."""
+
+    def __init__(self, qweight: QuantizedTensor, bias=None, act: str = "token", static_scale=None):
+        super().__init__()
+        if act not in ACT_SPECS:
+            raise ValueError(f"act must be one of {', '.join(ACT_SPECS)}, got {act!r}")
+        if act == "static" and static_scale is None:
+            raise ValueError("act='static' needs static_scale (calibrated max|x| / 127)")
+        self.qweight, self.act, self.static_scale = qweight, act, static_scale
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act: str = "token", act_max=None):
+        """act_max: calibrated max|x| (a number or per-channel maxima) for act='static'."""
+        static = None if act_max is None else float(torch.as_tensor(act_max).max()) / 127
+        return cls(quantize(linear.weight.data, WEIGHT_SPEC), linear.bias, act, static)
+
+    def forward(self, x):
+        y = int8_matmul(quantize_activations(x, self.act, self.static_scale), self.qweight)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, act={self.act}"
+
+
+@dataclass
+class SmoothQuantResult:
+    """s: the smoothing scales to fold into the previous op (divide its outputs by s);
+    qweights: int8 per-channel QuantizedTensors of W diag(s) for each Linear."""
+
+    s: torch.Tensor
+    qweights: list
+
+
+def smoothquant(weights, act_max: torch.Tensor, alpha: float = 0.5) -> SmoothQuantResult:
+    """Smooth the Linears ``weights`` (sharing one input with per-channel maxima ``act_max``), then quantize
+    the smoothed weights to int8 per channel. Fold ``s`` into the previous op to use them."""
+    weights = [w.weight.data if isinstance(w, nn.Linear) else w for w in weights]
+    for W in weights:
+        validate(W, "weight")
+        if W.dim() != 2 or W.shape[1] != act_max.numel():
+            raise ValueError(f"weights must be [out, {act_max.numel()}], got {tuple(W.shape)}")
+    s = smoothing_scales(act_max, weights, alpha)
+    return SmoothQuantResult(s=s, qweights=[quantize(W.float() * s, WEIGHT_SPEC) for W in weights])

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from qlab.algorithms.gptq import HessianAccumulator, gptq, gptq_sweep, hessian
+from qlab.algorithms.rtn import rtn
+from qlab.quant import QuantSpec, quantize
+
+
+def output_error(W, W_hat, X):
+    return float(((X.double() @ (W - W_hat).double().T) ** 2).sum())
+
+
+def proxy_error(W, W_hat, H):
+    D = (W - W_hat).double()
+    return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
+
+
+def test_hand_example_obq_update():
+    # one row, H couples columns 0 and 1; column 2 is independent and fixes the scale at 7/7 = 1
+    W = torch.tensor([[3.4, 1.4, 7.0]])
+    H = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sweep = gptq_sweep(W, H, "int4-tensor", percdamp=0.0)
+    # column 0 rounds 3.4 -> 3; eq. 3 moves column 1 by r * 0.4 = 0.2: 1.6 rounds to 2
+    assert torch.equal(sweep.W_hat, torch.tensor([[3.0, 2.0, 7.0]]))
+    assert torch.equal(rtn(W, "int4-tensor").dequantize(), torch.tensor([[3.0, 1.0, 7.0]]))
+    assert proxy_error(W, sweep.W_hat, H) == pytest.approx(0.28)  # 0.16 + 0.36 - 0.24
+    assert proxy_error(W, torch.tensor([[3.0, 1.0, 7.0]]), H) == pytest.approx(0.48)
+    # per-column OBQ costs (w - q)^2 / (2 d^2): d0^2 = 1 / 0.75, d1 = 1
+    assert sweep.losses.tolist() == pytest.approx([0.06, 0.08, 0.0], abs=1e-6)
+
+
+def test_hessian_is_two_over_n_xtx():
+    X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    assert torch.equal(hessian(X), torch.tensor([[2.0, 2.0], [2.0, 4.0]]))
+    acc = HessianAccumulator(2)
+    acc.add(X[:1])
+    acc.add(X[1:][None])  # leading dims are tokens
+    assert torch.equal(acc.H, hessian(X))
+
+
+@pytest.mark.parametrize("spec", ["int4-g64", "int3-g32-asym-minmax", "nf4", "fp8_e4m3", "int4-channel-asym-mse"])
+def test_diagonal_hessian_reduces_to_rtn(weight, gen, spec):
+    """With a diagonal H the inputs are uncorrelated: there is nothing to compensate, GPTQ == RTN."""
+    for H in (torch.eye(576), torch.diag(torch.rand(576, generator=gen) + 0.1)):
+        assert torch.equal(gptq(weight, H, spec).codes(), rtn(weight, spec).codes())
+
+
+@pytest.mark.parametrize("spec", ["int4-g128", "int3-g128-asym-minmax", "int2-g64-asym-minmax", "nf4", "fp8_e4m3"])
+def test_codes_are_those_of_the_final_weight(weight, gen, spec):
+    X = torch.randn(256, 576, generator=gen) @ torch.randn(576, 576, generator=gen)
+    H = hessian(X)
+    sweep = gptq_sweep(weight, H, spec)
+    qt = gptq(weight, H, spec)
+    assert torch.equal(qt.dequantize(), sweep.W_hat)
+    assert qt.spec == QuantSpec.parse(spec)
+    assert qt.bits_per_weight == rtn(weight, spec).bits_per_weight
+
+
+def test_losses_telescope_to_the_proxy_error(weight, gen):
+    """The per-column OBQ costs sum to (1/2) tr(dW H dW^T) exactly (paper, eq. 2-3, applied column by column)."""
+    X = torch.randn(1024, 576, generator=gen) @ torch.randn(576, 576, generator=gen) / 24
+    H = hessian(X).double()
+    sweep = gptq_sweep(weight.double(), H, "int3-g64-asym-minmax", percdamp=0.0)
+    assert 2 * sweep.losses.sum().item() == pytest.approx(proxy_error(weight, sweep.W_hat, H), rel=1e-4)
+
+
+def test_random_hessian_beats_rtn(gen):
+    W = torch.randn(64, 256, generator=gen)
+    A = torch.randn(256, 256, generator=gen)
+    H = A @ A.T / 256 + 0.01 * torch.eye(256)  # random SPD with a spread spectrum
+    for spec in ("int2-channel", "int3-g64-asym-minmax", "int4-g32", "nf4"):
+        assert proxy_error(W, gptq(W, H, spec).dequantize(), H) < 0.8 * proxy_error(W, rtn(W, spec).dequantize(), H)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_real_layer_output_error_below_rtn(real_layer, bits):
+    W, X = real_layer
+    H = hessian(X)
+    spec = QuantSpec.integer(bits, group_size=128, symmetric=False)
+    e_rtn = output_error(W, rtn(W, spec).dequantize(), X)
+    for act_order in (False, True):
+        e_gptq = output_error(W, gptq(W, H, spec, act_order=act_order).dequantize(), X)
+        assert e_gptq < 0.8 * e_rtn, (bits, act_order, e_gptq, e_rtn)
+
+
+def test_lazy_blocks_are_exact(weight, gen):
+    """Lazy batching only reorders the same updates: any block size gives the same result,
+    including blocks smaller than a group (the group's scale then needs the pending updates)."""
+    X = torch.randn(300, 576, generator=gen) @ torch.randn(576, 576, generator=gen)
+    H = hessian(X).double()
+    ref = gptq_sweep(weight.double(), H, "int4-g128-asym-minmax", block_size=576)
+    for block_size in (1, 48, 128):
+        got = gptq_sweep(weight.double(), H, "int4-g128-asym-minmax", block_size=block_size)
+        assert torch.allclose(got.W_hat, ref.W_hat, atol=1e-12)
+        assert torch.allclose(got.scale, ref.scale)
+
+
+def test_act_order_uses_static_groups(weight, gen):
+    X = torch.randn(300, 576, generator=gen) * torch.linspace(0.1, 3, 576)
+    H = hessian(X)
+    sweep = gptq_sweep(weight, H, "int4-g64", act_order=True)
+    assert torch.equal(sweep.perm, torch.argsort(torch.diag(H), descending=True))
+    # static groups: the scales are RTN's scales of the original weight, groups contiguous in the original order
+    assert torch.equal(sweep.scale, rtn(weight, "int4-g64").scales())
+
+
+def test_dead_inputs(weight, gen):
+    X = torch.randn(300, 576, generator=gen)
+    X[:, [5, 77]] = 0.0
+    qt = gptq(weight, hessian(X), "int4-g128-asym-minmax")
+    W_hat = qt.dequantize()
+    assert torch.isfinite(W_hat).all()
+    assert (W_hat[:, [5, 77]] == 0).all()
+
+
+def test_bad_input(weight):
+    H = torch.eye(576)
+    with pytest.raises(ValueError, match="H must be"):
+        gptq(weight, torch.eye(10), "int4-g128")
+    with pytest.raises(ValueError, match="per group along the input"):
+        gptq(weight, H, QuantSpec("int4", granularity=QuantSpec.parse("int4-channel@1").granularity))
+    with pytest.raises(ValueError, match="2-d"):
+        gptq(weight[0], H, "int4-g128")
+    with pytest.raises(ValueError, match="double"):
+        gptq(weight, H, "nf4-b64-dq")
