@@ -1,8 +1,8 @@
 """.gguf files: read them into qlab tensors, write qlab tensors out, re-quantize a model with a mix.
 
 A .gguf file is a header of key/values (architecture, hyper-parameters, tokenizer) followed by
-tensors, each stored in its block format exactly as in memory. Reading and writing go through
-the ``gguf`` package (llama.cpp's own Python reader/writer); qlab adds:
+tensors, each stored in its block format exactly as in memory. Writing goes through the ``gguf``
+package (llama.cpp's own Python writer), reading through a small header walker; qlab adds:
 
 * clear errors for files that are not GGUF, truncated, or whose tensor data does not add up
   (:class:`GGUFFormatError`), and a check that every block's scales decode to finite numbers,
@@ -68,50 +68,55 @@ def _check_header(path: str) -> int:
     return size
 
 
-# ---------------------------------------------------------------- fast tensor index
-# gguf.GGUFReader builds numpy views for every one of the ~100k vocabulary strings (tens of
-# seconds for a small model); when only tensors are wanted, walk the header with struct instead.
+# ---------------------------------------------------------------- reading
+# The header is walked with struct (GGUF v3: magic, version, n_tensors, n_kv, key/values, tensor
+# infos, aligned data). gguf.GGUFReader would do it too, but it builds a numpy view for each of
+# the ~100k vocabulary strings: 15-45 s for this small model against ~1 s here.
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def _skip_value(fh, vtype: int) -> object:
+def _read_value(fh, vtype: int, keep: bool = True):
+    """One metadata value; arrays of numbers come back as lists, skipped cheaply when not kept."""
     if vtype == 8:                                                    # string: u64 length + bytes
         (n,) = struct.unpack("<Q", fh.read(8))
-        return fh.read(n)
+        raw = fh.read(n)
+        if len(raw) != n:
+            raise GGUFFormatError("header cut short inside a string")
+        return raw.decode("utf-8") if keep else None
     if vtype == 9:                                                    # array: u32 type, u64 count, items
         sub, count = struct.unpack("<IQ", fh.read(12))
         if sub in _SCALAR:
-            fh.seek(count * struct.calcsize(_SCALAR[sub]), 1)
-        else:
-            for _ in range(count):
-                _skip_value(fh, sub)
-        return None
+            size = count * struct.calcsize(_SCALAR[sub])
+            if not keep:
+                fh.seek(size, 1)
+                return None
+            return np.frombuffer(fh.read(size), dtype=np.dtype(_SCALAR[sub])).tolist()
+        return [_read_value(fh, sub, keep) for _ in range(count)]
     fmt = _SCALAR.get(vtype)
     if fmt is None:
         raise GGUFFormatError(f"unknown GGUF value type {vtype}")
     return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
 
 
-def tensor_index(path) -> dict:
-    """name -> (type name, torch-order shape, absolute byte offset, nbytes), read from the header.
-
-    Raises :class:`GGUFFormatError` for a bad magic, a header cut short, or tensor data that would
-    run past the end of the file.
-    """
-    path = str(path)
+def _scan(path: str, keep_values: bool):
+    """Walk the header: (metadata {key: (value, type, sub_type)}, tensor infos, data start)."""
     size = _check_header(path)
+    meta = {}
     try:
         with open(path, "rb") as fh:
             _, version, n_tensors, n_kv = struct.unpack("<4sIQQ", fh.read(24))
-            alignment = 32
             for _ in range(n_kv):
                 (n,) = struct.unpack("<Q", fh.read(8))
                 key = fh.read(n).decode()
                 (vtype,) = struct.unpack("<I", fh.read(4))
-                value = _skip_value(fh, vtype)
-                if key == "general.alignment":
-                    alignment = int(value)
+                sub = None
+                if vtype == 9:
+                    (sub,) = struct.unpack("<I", fh.read(4))
+                    fh.seek(-4, 1)
+                keep = keep_values or key == "general.alignment"
+                meta[key] = (_read_value(fh, vtype, keep), GGUFValueType(vtype),
+                             None if sub is None else GGUFValueType(sub))
             infos = []
             for _ in range(n_tensors):
                 (n,) = struct.unpack("<Q", fh.read(8))
@@ -120,8 +125,11 @@ def tensor_index(path) -> dict:
                 dims = struct.unpack(f"<{ndim}Q", fh.read(8 * ndim))
                 qtype, offset = struct.unpack("<IQ", fh.read(12))
                 infos.append((name, T(qtype), tuple(int(d) for d in reversed(dims)), offset))
+            alignment = int(meta.get("general.alignment", (32,))[0])
             start = -(-fh.tell() // alignment) * alignment
     except (struct.error, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, GGUFFormatError):
+            raise
         raise GGUFFormatError(f"{path}: corrupted or truncated GGUF header ({e})") from e
     index = {}
     for name, qtype, shape, offset in infos:
@@ -131,15 +139,24 @@ def tensor_index(path) -> dict:
             raise GGUFFormatError(f"{path}: truncated: tensor {name} needs bytes up to {start + offset + nbytes}, "
                                   f"file has {size}")
         index[name] = (qtype.name, shape, start + offset, nbytes)
-    return index
+    return meta, index
 
 
-def load_tensors(path, names=None, validate: bool = True) -> dict:
+def tensor_index(path) -> dict:
+    """name -> (type name, torch-order shape, absolute byte offset, nbytes), read from the header.
+
+    Raises :class:`GGUFFormatError` for a bad magic, a header cut short, or tensor data that would
+    run past the end of the file.
+    """
+    return _scan(str(path), keep_values=False)[1]
+
+
+def load_tensors(path, names=None, validate: bool = True, index: dict | None = None) -> dict:
     """Tensors of a .gguf (all, or those in ``names``) without parsing the metadata values.
 
     Quantized tensors come back as :class:`GGUFTensor`, float ones as torch tensors.
     """
-    index = tensor_index(path)
+    index = tensor_index(path) if index is None else index
     names = list(index) if names is None else list(names)
     mm = np.memmap(str(path), dtype=np.uint8, mode="r")
     out = {}
@@ -167,30 +184,17 @@ def _make_tensor(path, name, qtype, shape, raw: np.ndarray, validate: bool):
 
 
 def read_gguf(path, validate: bool = True) -> GGUFFile:
-    """Read a .gguf into :class:`GGUFFile`. Quantized tensors become :class:`GGUFTensor`
-    (their bytes are kept, not dequantized); F32/F16 tensors become torch tensors.
+    """Read a .gguf into :class:`GGUFFile`: metadata values, and every tensor -- quantized ones as
+    :class:`GGUFTensor` (bytes kept, not dequantized), F32/F16 ones as torch tensors.
 
     ``validate`` raises if any block's fp16 scale or min is NaN/inf (the only way a block can
     decode to a non-finite weight).
     """
     path = str(path)
-    index = tensor_index(path)   # fast structural checks first (magic, truncation)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on truncated / corrupted input
-        raise GGUFFormatError(f"{path}: corrupted or truncated GGUF ({type(e).__name__}: {e})") from e
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        meta[key] = (f.contents(), f.types[0], sub)
-    arch = meta.get("general.architecture", (None,))[0]
-    out = GGUFFile(arch=arch, metadata=meta)
-    for t in reader.tensors:
-        qtype, shape, _, _ = index[t.name]
-        raw = np.frombuffer(np.ascontiguousarray(t.data).tobytes(), dtype=np.uint8)
-        out.tensors[t.name] = _make_tensor(path, t.name, qtype, shape, raw, validate)
+    meta, index = _scan(path, keep_values=True)
+    meta = {k: v for k, v in meta.items() if not k.startswith("GGUF.")}
+    out = GGUFFile(arch=meta.get("general.architecture", (None,))[0], metadata=meta)
+    out.tensors = load_tensors(path, validate=validate, index=index)
     return out
 
 
@@ -225,7 +229,7 @@ def quantize_gguf(src, dst, mix: str, imatrix: dict | None = None, progress: boo
     """
     from tqdm.auto import tqdm
 
-    model = read_gguf(src, validate=False)  # metadata is copied to dst, so the full reader is needed
+    model = read_gguf(src, validate=False)
     hkv = model.metadata.get(f"{model.arch}.attention.head_count_kv", (1,))[0]
     hq = model.metadata.get(f"{model.arch}.attention.head_count", (1,))[0]
     choices = choose_types(mix, [(n, t.shape) for n, t in model.tensors.items()],

@@ -1,0 +1,67 @@
+"""Legacy formats against the gguf package's reference quantizer and dequantizer, byte for byte."""
+import numpy as np
+import pytest
+import gguf
+
+from qlab import gguf as qg
+
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_quantize_matches_gguf_package_on_outliers(name, outlier_rows):
+    fmt = qg.get_format(name)
+    ours = fmt.quantize_rows(outlier_rows)
+    ref = gguf.quants.quantize(outlier_rows, fmt.ggml_type)
+    assert ours.shape == ref.shape
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_quantize_matches_gguf_package_on_real_weights(name, real_weights):
+    fmt = qg.get_format(name)
+    for w in real_weights.values():
+        assert np.array_equal(fmt.quantize_rows(w), gguf.quants.quantize(w, fmt.ggml_type))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_dequantize_bit_exact(name, outlier_rows):
+    fmt = qg.get_format(name)
+    data = gguf.quants.quantize(outlier_rows, fmt.ggml_type)
+    ours = fmt.dequantize_rows(data, outlier_rows.shape[1])
+    ref = gguf.quants.dequantize(data, fmt.ggml_type)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_q4_0_hand_example():
+    """One block by hand: the extreme -2 maps to code 0, so d = -2/-8 = 0.25 and x = 0.25·(q - 8)."""
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1], x[0, 16] = -2.0, 0.5, 1.0
+    data = qg.get_format("Q4_0").quantize_rows(x)
+    assert data[0, :2].view(np.float16)[0] == 0.25
+    assert data[0, 2] == 0 | (12 << 4)        # element 0 -> q=0 (low nibble), element 16 -> q=8+4 (high)
+    assert data[0, 3] == 10 | (8 << 4)        # element 1 -> 8 + 2, element 17 -> 8
+    assert np.array_equal(qg.get_format("Q4_0").dequantize_rows(data, 32), x)
+
+
+def test_bits_per_weight_table_matches_gguf_sizes():
+    for row in qg.format_table():
+        block, size = gguf.GGML_QUANT_SIZES[qg.get_format(row["name"]).ggml_type]
+        assert (row["block_size"], row["type_size"]) == (block, size)
+    bpw = {r["name"]: r["bits_per_weight"] for r in qg.format_table()}
+    assert bpw == {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q2_K": 2.625,
+                   "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
+
+
+def test_bad_row_length_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        qg.quantize(np.zeros((2, 576), np.float32), "Q4_K")
+    with pytest.raises(ValueError, match="unknown GGUF block format"):
+        qg.get_format("Q7_K")
+
+
+def test_tensor_api_matches_core_attribute_names(outlier_rows):
+    import torch
+    t = qg.quantize(torch.from_numpy(outlier_rows[:, :256]), "Q4_K")
+    assert t.shape == (24, 256) and t.nbytes == 24 * 144 and t.bits_per_weight == 4.5
+    assert t.dequantize().dtype == torch.float32 and t.dequantize().shape == (24, 256)
