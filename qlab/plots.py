@@ -56,3 +56,82 @@ def plot_reconstruction(x, quantized: dict, title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---- number formats (notebook 02) ------------------------------------------------------------------
+def plot_spacing(curves: dict, ax=None, relative: bool = False, title: str | None = None):
+    """Log-log spacing between neighbours against magnitude. ``curves``: label -> (magnitudes, gaps),
+    e.g. from ``qlab.precision.spacing``; ``relative=True`` plots gap / magnitude instead."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (x, gap) in curves.items():
+        x, gap = x.double(), gap.double()
+        ax.step(x, gap / x if relative else gap, where="post", label=label, lw=1.2)
+    ax.set(xscale="log", yscale="log", xlabel="|x|",
+           ylabel="gap / |x| (relative spacing)" if relative else "gap to the next value (spacing)")
+    ax.set_title(title or ("relative spacing" if relative else "absolute spacing"))
+    ax.grid(True, which="major", alpha=0.3)
+    return ax.figure
+
+
+def plot_levels(grids: dict, ax=None, title: str = "levels", xscale: str = "linear"):
+    """Every level of each grid as a row of ticks on one shared axis. ``grids``: label -> levels."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.5 + 0.55 * len(grids)))
+    for row, (label, levels) in enumerate(grids.items()):
+        levels = levels.double()
+        ax.plot(levels, [row] * len(levels), "|", ms=14, mew=1.5)
+        ax.text(1.01, row, f"{len(levels)} levels", transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+    ax.set_yticks(range(len(grids)), list(grids))
+    ax.set(xscale=xscale, title=title, ylim=(-0.7, len(grids) - 0.3))
+    ax.grid(True, axis="x", alpha=0.3)
+    return ax.figure
+
+
+# ---- error and rate (notebook 03) ------------------------------------------------------------------
+def plot_quantizer_on_density(x, quantizers: dict, ax=None, bins: int = 200, title: str = ""):
+    """Histogram of samples x with the reconstruction levels of each quantizer drawn under it.
+    ``quantizers``: label -> 1-D tensor of levels."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    x = x.double()
+    lo, hi = torch.quantile(x, torch.tensor([0.0005, 0.9995], dtype=torch.float64)).tolist()
+    ax.hist(x.clamp(lo, hi).numpy(), bins=bins, density=True, color="0.8")
+    top = ax.get_ylim()[1]
+    for i, (label, levels) in enumerate(quantizers.items()):
+        lv = levels.double()
+        lv = lv[(lv >= lo) & (lv <= hi)]
+        ax.plot(lv, [-(i + 1) * 0.06 * top] * len(lv), "|", ms=10, mew=1.5, label=label)
+    ax.set(xlim=(lo, hi), xlabel="x", ylabel="density", title=title)
+    ax.legend(loc="upper right", fontsize=8)
+    return ax.figure
+
+
+def plot_rate_distortion(points, variance: float = 1.0, ax=None, max_rate: float = 8.5):
+    """MSE (log) against bits per sample with the Gaussian bound D(R) = σ² 2^(-2R) and the entropy-coded
+    uniform quantizer's πe/6 · D(R). ``points``: rows with 'quantizer', 'bits', 'mse' (a DataFrame or dicts)."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    R = np.linspace(0, max_rate, 200)
+    ax.plot(R, variance * 2.0 ** (-2 * R), "k-", lw=2, label="D(R) = σ² 2^(-2R) (Shannon bound)")
+    ax.plot(R, math.pi * math.e / 6 * variance * 2.0 ** (-2 * R), "k--", lw=1, label="πe/6 · D(R) (+1.53 dB)")
+    rows = points.to_dict("records") if hasattr(points, "to_dict") else list(points)
+    for name in dict.fromkeys(r["quantizer"] for r in rows):
+        pts = sorted((r["bits"], r["mse"]) for r in rows if r["quantizer"] == name)
+        ax.plot(*zip(*pts), "o-", ms=4, lw=1, label=name)
+    ax.set(yscale="log", xlabel="bits per sample R", ylabel="MSE", title="Gaussian source: quantizers against D(R)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    return ax.figure
