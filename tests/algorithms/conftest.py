@@ -27,9 +27,15 @@ def correlated_inputs(n: int, dim: int, seed: int = 0, rank: int = 32, outliers:
 
 
 @pytest.fixture(scope="session")
-def real_layer():
-    """(W [192, 576], X [1024, 576]): SmolLM2-135M layer 5 v_proj and correlated inputs."""
-    return gguf_weight("blk.5.attn_v.weight"), correlated_inputs(1024, 576)
+def real_layer(request):
+    """(W [192, 576], X [1024, 576]): SmolLM2-135M layer 5 v_proj and correlated inputs.
+
+    Parsing the GGUF file takes ~10 s (its 49k-token vocabulary), so the weight is kept in pytest's cache.
+    """
+    cached = request.config.cache.mkdir("qlab-algorithms") / "blk.5.attn_v.weight.pt"
+    if not cached.exists():
+        torch.save(gguf_weight("blk.5.attn_v.weight"), cached)
+    return torch.load(cached), correlated_inputs(1024, 576)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from qlab.algorithms.smoothquant import (W8A8Linear, int8_matmul, max_abs, quantize_activations,
+                                         smoothing_scales, smoothquant, WEIGHT_SPEC)
+from qlab.quant import quantize
+
+
+def test_half_migration_balances_the_ranges(gen):
+    """alpha = 1/2: max|X_j / s_j| = max|W_j s_j| = sqrt(max|X_j| max|W_j|) (eq. 4)."""
+    X = torch.randn(100, 32, generator=gen) * torch.logspace(-1, 2, 32)
+    W = torch.randn(16, 32, generator=gen)
+    s = smoothing_scales(max_abs(X), [W], alpha=0.5)
+    expected = (max_abs(X) * W.abs().amax(0)).sqrt()
+    assert torch.allclose(max_abs(X / s), expected, rtol=1e-5)
+    assert torch.allclose((W * s).abs().amax(0), expected, rtol=1e-5)
+    # alpha = 1 moves everything to the weights: every activation channel has max 1
+    assert torch.allclose(max_abs(X / smoothing_scales(max_abs(X), [W], alpha=1.0)), torch.ones(32))
+
+
+def test_integer_matmul_is_torchs_int8_gemm(gen):
+    X = torch.randn(8, 64, generator=gen)
+    W = torch.randn(32, 64, generator=gen)
+    qx, qw = quantize_activations(X, "token"), quantize(W, WEIGHT_SPEC)
+    ix = qx.values().to(torch.int8)
+    iw = qw.values().to(torch.int8)
+    acc = torch._int_mm(ix.contiguous(), iw.T.contiguous())  # torch's own int8 x int8 -> int32 GEMM
+    expected = acc.double() * qx.scales().double()[:, None] * qw.scales().double()[None, :]
+    assert torch.allclose(int8_matmul(qx, qw).double(), expected, rtol=1e-6)
+    # and the hand rule of vector-wise int8: round(x * 127 / absmax) per row
+    assert torch.equal(ix[0].float(), torch.round(X[0] * 127 / X[0].abs().max()))
+
+
+def test_static_scale_saturates():
+    qx = quantize_activations(torch.tensor([[0.5, 2.0, -4.0]]), "static", static_scale=2.0 / 127)
+    assert qx.values().tolist() == [[32.0, 127.0, -127.0]]
+    with pytest.raises(ValueError, match="calibrated"):
+        quantize_activations(torch.ones(1, 3), "static")
+
+
+@pytest.mark.parametrize("act", ["token", "tensor", "static"])
+def test_smoothing_beats_naive_w8a8_on_outlier_activations(real_layer, act):
+    W, X = real_layer
+    X = X.clone()
+    X[:, :4] *= 10.0  # ~200x outlier channels, as in LLM activations
+    ref = X @ W.T
+    naive = W8A8Linear.from_linear(_linear(W), act=act, act_max=max_abs(X))
+    e_naive = float(((naive(X) - ref) ** 2).mean())
+    result = smoothquant([W], max_abs(X), alpha=0.5)
+    smoothed = W8A8Linear(result.qweights[0], act=act, static_scale=float(max_abs(X / result.s).max()) / 127)
+    e_smooth = float(((smoothed(X / result.s) - ref) ** 2).mean())
+    assert e_smooth < 0.5 * e_naive, (e_smooth, e_naive)
+
+
+def test_w8a8_linear_keeps_shape_and_bias(gen):
+    lin = torch.nn.Linear(64, 16)
+    x = torch.randn(2, 5, 64, generator=gen)
+    y = W8A8Linear.from_linear(lin)(x)
+    assert y.shape == (2, 5, 16)
+    assert torch.allclose(y, lin(x), atol=0.05)
+
+
+def _linear(W):
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data = W.clone()
+    return lin
