@@ -95,8 +95,8 @@ class Kernel:
     def launch(self, backend: str, grid, *args, **meta):
         """Run on ``grid`` (a tuple, or a function of the launch meta-parameters giving one).
 
-        ``meta`` holds the constexpr arguments the caller fixes; block sizes come from ``default``
-        (or from the autotuner on a GPU).
+        ``meta`` holds the constexpr arguments the caller fixes (and may set ``num_warps``); block
+        sizes come from ``default`` (or from the autotuner on a GPU).
         """
         if backend not in ("triton", "interpret"):
             raise ValueError(f"a Triton kernel runs on 'triton' or 'interpret', not {backend!r}")
@@ -107,7 +107,9 @@ class Kernel:
         config = {} if tuned else self.default
         launch_meta = {**{k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}, **meta}
         if not tuned and backend == "triton":
-            launch_meta["num_warps"] = config.get("num_warps", 4)
+            launch_meta.setdefault("num_warps", config.get("num_warps", 4))
+        if backend == "interpret":
+            launch_meta.pop("num_warps", None)
         return fn[grid](*args, **launch_meta)
 
 

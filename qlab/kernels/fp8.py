@@ -63,19 +63,21 @@ def _quantize_kernel(x_ptr, q_ptr, amax_ptr, scale_ptr, K, stride_xm, stride_qm,
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + m * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         v = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
-        # Round to the E4M3 grid in fp32 first (exact arithmetic): the spacing near v is
-        # 2**(e - 3) for v in [2**e, 2**(e+1)), and 2**-9 for subnormals (e < -6). The cast of an
-        # exactly representable value is then exact everywhere; Triton 3.9's interpreter rounds
-        # ties away from zero (and worse) when it has to round itself.
+        # Round to the E4M3 grid with exact fp32 arithmetic and write the byte ourselves: the grid
+        # spacing near v is 2**(e - 3) for |v| in [2**e, 2**(e+1)), and 2**-9 below 2**-6 (subnormals).
+        # (No fp8 type inside the kernel: Triton 3.9's interpreter rounds ties away from zero when
+        # casting, and GPUs before sm_89 lack the conversion.)
         bits = v.to(tl.int32, bitcast=True)
-        e = ((bits >> 23) & 0xFF) - 127
-        e = tl.maximum(e, -6)
-        ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # the binade of |v|, floored at the subnormal one
+        ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(e-3), built from its exponent bits
         t = tl.abs(v) / ulp  # exact: ulp is a power of two
         r = tl.floor(t + 0.5)
         r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
-        q = tl.where(bits < 0, -(r * ulp), r * ulp)  # the sign bit: keeps -0.0, as torch does
-        tl.store(q_ptr + m * stride_qm + k0 + rk, q.to(tl.float8e4nv), mask=k0 + rk < K)
+        # |q| = r * 2**(e-3) with r in [8, 16] (or [0, 16] at e = -6) has the 7-bit code (e + 6) * 8 + r:
+        # exponent field e + 7 above the mantissa's 3 bits, r = 16 carrying into the next binade.
+        code = (e + 6) * 8 + r.to(tl.int32)
+        code = tl.where(bits < 0, code | 0x80, code)  # the sign bit (keeps -0.0, as torch does)
+        tl.store(q_ptr + m * stride_qm + k0 + rk, code.to(tl.uint8), mask=k0 + rk < K)
 
 
 def quantize_fp8(x: torch.Tensor, granularity: str = "token", backend: str | None = None):
@@ -95,7 +97,8 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", backend: str | Non
         n_scales = m if per_token else 1
         amax = torch.zeros(n_scales, dtype=torch.float32, device=x.device)
         scale = torch.empty(n_scales, dtype=torch.float32, device=x.device)
-        q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        q = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)  # E4M3 bit patterns
         _absmax_kernel.launch(backend, (m,), x2, amax, k, x2.stride(0), PER_TOKEN=per_token)
         _quantize_kernel.launch(backend, (m,), x2, q, amax, scale, k, x2.stride(0), q.stride(0), PER_TOKEN=per_token)
+        q = q.view(torch.float8_e4m3fn)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1]) if per_token else scale

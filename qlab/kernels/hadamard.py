@@ -92,7 +92,8 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, norma
     s = signs.float().contiguous() if signs is not None else x2
     norm = 1 / math.sqrt(n) if normalize else 1.0
     _fwht_kernel.launch(backend, (x2.shape[0],), x2, s, y, x2.stride(0), y.stride(0), norm,
-                        N=n, LOG_N=n.bit_length() - 1, HAS_SIGNS=signs is not None)
+                        N=n, LOG_N=n.bit_length() - 1, HAS_SIGNS=signs is not None,
+                        num_warps=min(16, max(1, n // 256)))  # ~8 values of the row per thread
     return y.reshape(x.shape)
 
 
