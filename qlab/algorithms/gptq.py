@@ -122,8 +122,12 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0.01,
-               act_order: bool = False) -> GPTQSweep:
-    """Run the GPTQ sweep (Algorithm 1) and return the quantized weight, its scales and the per-column losses."""
+               act_order: bool = False, perm: torch.Tensor | None = None) -> GPTQSweep:
+    """Run the GPTQ sweep (Algorithm 1) and return the quantized weight, its scales and the per-column losses.
+
+    ``perm`` (for exploring why the order matters) sweeps the columns in any given order; like act-order
+    it uses static groups. ``act_order=True`` is ``perm = argsort(diag H, descending)``.
+    """
     spec = QuantSpec.parse(spec)
     validate(W, "weight")
     validate(H, "Hessian")
@@ -149,14 +153,18 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
     n_groups = math.ceil(columns / group)
     scale = torch.zeros(rows, n_groups, dtype=dtype)
     zero_point = None if spec.symmetric else torch.zeros(rows, n_groups, dtype=dtype)
-    if act_order or group == columns:  # static groups: scales from the (un-updated) weight, up front
+    if perm is not None and (act_order or sorted(perm.tolist()) != list(range(columns))):
+        raise ValueError("perm must be a permutation of the input columns (and excludes act_order)")
+    reordered = act_order or perm is not None
+    if reordered or group == columns:  # static groups: scales from the (un-updated) weight, up front
         for g in range(n_groups):
             scale[:, g], zp = _qparams(W[:, g * group:(g + 1) * group], spec)
             if zp is not None:
                 zero_point[:, g] = zp
-    static = act_order or group == columns
+    static = reordered or group == columns
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
+    if perm is None:
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, percdamp)
 

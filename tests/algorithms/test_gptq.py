@@ -123,3 +123,13 @@ def test_bad_input(weight):
         gptq(weight[0], H, "int4-g128")
     with pytest.raises(ValueError, match="double"):
         gptq(weight, H, "nf4-b64-dq")
+
+
+def test_explicit_order_equals_act_order(weight, gen):
+    X = torch.randn(300, 576, generator=gen) * torch.linspace(0.1, 3, 576)
+    H = hessian(X)
+    a = gptq_sweep(weight, H, "int4-g64", act_order=True)
+    b = gptq_sweep(weight, H, "int4-g64", perm=torch.argsort(torch.diag(H), descending=True))
+    assert torch.equal(a.W_hat, b.W_hat)
+    with pytest.raises(ValueError, match="permutation"):
+        gptq_sweep(weight, H, "int4-g64", perm=torch.zeros(576, dtype=torch.long))
