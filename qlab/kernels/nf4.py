@@ -14,7 +14,9 @@ works, the kernel only looks it up):
     c1[b] = table8[qc1[b]] * c2[b // 256] + mean
 
 which costs 8/64 + 32/(64*256) = 0.127 bits per weight instead of 32/64 = 0.5.
-Codes are packed two per byte, low nibble first (qlab's layout, see ``qlab.packing``).
+Codes are packed two per byte, low nibble first (qlab's layout, see ``qlab.packing``; bitsandbytes
+puts the first code in the high nibble). ``tests/kernels/peer_bitsandbytes.py`` feeds bitsandbytes'
+own quantization state to these kernels and checks them bit for bit against its ``dequantize_4bit``.
 """
 from __future__ import annotations
 
