@@ -98,3 +98,21 @@ def test_quantize_byte_exact_with_llamacpp_real_weights(name, real_weights, peer
     for w in real_weights.values():
         if w.shape[1] % qg.get_format(name).block_size == 0:
             assert np.array_equal(qg.get_format(name).quantize_rows(w), peer.ggml_quantize(w, name))
+
+
+def test_hand_decoder_agrees_with_vectorised(outlier_rows):
+    from qlab.gguf.anatomy import decode_q4_k_by_hand
+    fmt = qg.get_format("Q4_K")
+    data = fmt.quantize_rows(outlier_rows[:4])                     # 8 super-blocks
+    blocks = data.reshape(-1, 144)
+    vec = fmt.dequantize_blocks(blocks)
+    for b in range(blocks.shape[0]):
+        assert np.array_equal(decode_q4_k_by_hand(blocks[b].tobytes())["values"], vec[b])
+
+
+def test_byte_budget_sums_to_block_size():
+    from qlab.gguf.anatomy import bits_breakdown, LAYOUT
+    for name in qg.FORMATS:
+        rows = bits_breakdown(name)
+        assert sum(r["bytes"] for r in rows) == qg.get_format(name).type_size
+        assert sum(r["bits_per_weight"] for r in rows) == pytest.approx(qg.get_format(name).bits_per_weight)
