@@ -82,6 +82,9 @@ class Kernel:
         if backend == "interpret":
             from triton.runtime.interpreter import InterpretedFunction
 
+            if not isinstance(triton.language.sum, InterpretedFunction):  # Triton's own library was jit-compiled
+                raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
+                                   "cannot run; set it before anything imports triton (restart the process)")
             return InterpretedFunction(self.fn)
         jitted = triton.jit(self.fn)
         if self.autotune:
