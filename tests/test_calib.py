@@ -1,0 +1,76 @@
+"""Activation statistics from hooks, checked against inputs recomputed by hand."""
+import pytest
+import torch
+
+import embedded as emb
+from embedded import embedded  # noqa: F401
+from qlab import calib
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return emb.tiny_llama(vocab=256, hidden=64, layers=2)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_capture_inputs_is_the_normed_embedding(tiny, ids):
+    """Layer 0's q_proj reads input_layernorm(embed(ids)): recompute it without hooks."""
+    X = calib.capture_inputs(tiny, ids, "model.layers.0.self_attn.q_proj", batch_size=2)
+    layer0 = tiny.model.layers[0]
+    expected = layer0.input_layernorm(tiny.model.embed_tokens(ids)).reshape(-1, 64)
+    assert X.shape == (60, 64)
+    torch.testing.assert_close(X, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a linear"):
+        calib.capture_inputs(tiny, ids, "model.layers.0")
+
+
+@torch.no_grad()
+def test_stats_match_the_captured_matrix(tiny, ids):
+    stats = calib.input_stats(tiny, ids, percentiles=(50, 99), progress=False)
+    assert len(stats) == 2 * 7 + 1  # 7 linears per layer + lm_head
+    for name in ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj", "lm_head"]:
+        A = calib.capture_inputs(tiny, ids, name).abs()
+        s = stats[name]
+        assert s.n_tokens == 60
+        torch.testing.assert_close(s.max_abs, A.amax(0))
+        torch.testing.assert_close(s.mean_abs, A.mean(0))
+        # percentiles are taken on float16 copies of |x|: equal to fp16 precision
+        torch.testing.assert_close(s.percentiles[50], torch.quantile(A, 0.5, dim=0), rtol=2e-3, atol=1e-3)
+        torch.testing.assert_close(s.percentiles[99], torch.quantile(A, 0.99, dim=0), rtol=2e-3, atol=1e-3)
+    # q, k, v read one tensor: one shared accumulator
+    assert stats["model.layers.0.self_attn.q_proj"] is stats["model.layers.0.self_attn.v_proj"]
+    assert stats["model.layers.0.self_attn.q_proj"] is not stats["model.layers.0.self_attn.o_proj"]
+
+
+def test_pattern_selects_and_rejects(tiny, ids):
+    stats = calib.input_stats(tiny, ids[:1], pattern="*.mlp.down_proj", percentiles=(), progress=False)
+    assert sorted(stats) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no linear layer"):
+        calib.input_stats(tiny, ids, pattern="*.nothing")
+
+
+def test_outlier_channels_threshold():
+    s = calib.ChannelStats(torch.tensor([1.0, 7.0, 0.5, 6.0, 2.0]), torch.ones(5), {}, 10)
+    assert calib.outlier_channels({"x": s})["x"].tolist() == [1]
+    assert s.outlier_ratio().tolist() == [0.5, 3.5, 0.25, 3.0, 1.0]  # median 2
+
+
+@pytest.mark.model
+@torch.no_grad()
+def test_embedded_model_has_outlier_features_and_a_massive_first_token(embedded):
+    """The claims notebook 04 shows, on one window of 128 calibration tokens."""
+    model, tok = embedded
+    from qlab.data import wikitext2_windows
+
+    w = wikitext2_windows(tok, "calibration", 128, 1)
+    stats = calib.input_stats(model, w, pattern="*.self_attn.q_proj", percentiles=(), progress=False)
+    ratios = torch.stack([s.outlier_ratio() for s in stats.values()])  # [30, 576]
+    assert (ratios.amax(1) > 10).sum() >= 10  # many layers have a channel 10x the median
+    res = calib.residual_stream_abs(model, w)  # [31, 128]
+    assert res.shape == (31, 128)
+    assert res[1:-1, 0].amax() > 1000 and res[1:-1, 0].amax() > 20 * res[1:-1, 1:].amax()
