@@ -1,0 +1,123 @@
+"""GPTQ over a whole model, one decoder layer at a time (the reference method's model loop).
+
+Quantizing every layer on the *float* model's inputs would ignore that, at inference, layer l reads the
+outputs of the already-quantized layers 0..l-1. The reference code (IST-DASLab/gptq, llama.py) runs the
+calibration windows through the model layer by layer instead:
+
+1. capture the inputs of decoder layer 0 (the embeddings) and its keyword arguments (mask, rotary
+   position embeddings) with a pre-hook that stops the forward pass;
+2. for each layer, and inside it for each group of Linears in forward order ("true sequential":
+   q/k/v, then o, then gate/up, then down), accumulate H = 2/n X^T X from the current inputs with
+   hooks, GPTQ-quantize the group and put the quantized weights in place, so that the next group's
+   inputs already see them;
+3. run the fully quantized layer on the inputs to get the next layer's inputs.
+
+Embeddings, norms and the LM head stay in float (the usual weight-only protocol).
+"""
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qlab.algorithms.gptq import HessianAccumulator, gptq
+from qlab.quant import QuantSpec
+
+# Linears quantized together, in forward order, for Llama-style decoder layers.
+LLAMA_SEQUENTIAL = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: sequential GPTQ walks Llama-style decoders")
+    return inner, layers
+
+
+@torch.no_grad()
+def first_layer_inputs(model, windows: torch.Tensor, batch_size: int = 8) -> list:
+    """[(hidden_states, kwargs)] per batch of windows: what decoder layer 0 receives."""
+    _, layers = _decoder_layers(model)
+    store = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.append((hidden, dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[start:start + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return store
+
+
+def _run(layer, store):
+    out = []
+    for hidden, kwargs in store:
+        y = layer(hidden, **kwargs)
+        out.append((y[0] if isinstance(y, tuple) else y, kwargs))
+    return out
+
+
+@torch.no_grad()
+def _hessians(layer, linears: dict, names: list, store) -> dict:
+    """H of each Linear in ``names`` on the layer's current inputs; stops each pass after the last one."""
+    accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
+
+    def hook(name):
+        def fn(module, args):
+            accs[name].add(args[0])
+            if name == names[-1]:
+                raise _Stop
+
+        return fn
+
+    handles = [linears[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for hidden, kwargs in store:
+            try:
+                layer(hidden, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc.H for n, acc in accs.items()}
+
+
+@torch.no_grad()
+def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block_size: int = 128,
+               percdamp: float = 0.01, act_order: bool = False, true_sequential: bool = True,
+               progress: bool = True) -> dict:
+    """GPTQ-quantize every Linear of every decoder layer of ``model`` in place (weights replaced by their
+    de-quantized values) on calibration ``windows`` [n, seq_len]. Returns {qualified name: QuantizedTensor}."""
+    spec = QuantSpec.parse(spec)
+    _, layers = _decoder_layers(model)
+    store = first_layer_inputs(model, windows, batch_size)
+    results = {}
+    for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {spec}", disable=not progress)):
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        groups = LLAMA_SEQUENTIAL if true_sequential and all(n in linears for g in LLAMA_SEQUENTIAL for n in g) \
+            else [list(linears)]
+        for names in groups:
+            for name, H in _hessians(layer, linears, names, store).items():
+                weight = linears[name].weight
+                qt = gptq(weight.data, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                weight.data = qt.dequantize().to(weight.dtype)
+                results[f"model.layers.{i}.{name}"] = qt
+        store = _run(layer, store)
+    return results

@@ -1,0 +1,53 @@
+import copy
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlab.algorithms.gptq import gptq, hessian
+from qlab.algorithms.sequential import gptq_model
+from qlab.quant import fake_quant
+
+SPEC = "int3-g32-asym-minmax"
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_sequential_gptq_on_a_tiny_llama():
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    calib, test = torch.randint(0, 128, (16, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
+    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False)
+    assert len(results) == 2 * 7
+    # the model holds the de-quantized weights
+    for name, qt in results.items():
+        assert torch.equal(model.get_submodule(name).weight.data, qt.dequantize())
+
+    # layer 1 was calibrated on the inputs produced by the already-quantized layer 0:
+    # re-running GPTQ on its original weight with the quantized model's own inputs gives the same codes
+    captured = []
+    hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        for start in range(0, 16, 4):
+            model(input_ids=calib[start:start + 4], use_cache=False)
+    hook.remove()
+    original = reference.model.layers[1].mlp.down_proj.weight.data
+    again = gptq(original, hessian(torch.cat(captured)), SPEC)
+    same = (again.codes() == results["model.layers.1.mlp.down_proj"].codes()).float().mean()
+    assert same > 0.999
+
+    # and the quantized model is closer to the float one than round-to-nearest on every linear
+    rtn_model = copy.deepcopy(reference)
+    for name in results:
+        w = rtn_model.get_submodule(name).weight
+        w.data = fake_quant(w.data, SPEC)
+    with torch.no_grad():
+        ref = reference(input_ids=calib).logits
+        e_gptq = float(((model(input_ids=calib).logits - ref) ** 2).mean())
+        e_rtn = float(((rtn_model(input_ids=calib).logits - ref) ** 2).mean())
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
