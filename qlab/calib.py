@@ -159,3 +159,40 @@ def residual_stream_abs(model, windows: torch.Tensor) -> torch.Tensor:
 def outlier_channels(stats: dict[str, ChannelStats], threshold: float = 6.0) -> dict[str, torch.Tensor]:
     """Indices of input channels whose max |x| exceeds ``threshold`` (LLM.int8()'s 6.0)."""
     return {n: torch.nonzero(s.max_abs > threshold).flatten() for n, s in stats.items()}
+
+
+def site_matrix(stats: dict[str, ChannelStats], suffix: str, field: str = "max_abs") -> torch.Tensor:
+    """Stack one statistic of every layer whose name ends with ``suffix`` -> ``[layers, channels]``."""
+    rows = [getattr(s, field) for n, s in stats.items() if n.endswith(suffix)]
+    if not rows:
+        raise ValueError(f"no layer name ends with {suffix!r}")
+    return torch.stack(rows)
+
+
+def top_channels(stats: dict[str, ChannelStats], suffix: str, k: int = 3):
+    """Per layer, the ``k`` input channels with the largest max |x| and their ratio to the median."""
+    import pandas as pd
+
+    rows = []
+    for layer, (name, s) in enumerate((n, s) for n, s in stats.items() if n.endswith(suffix)):
+        ratio = s.outlier_ratio()
+        top = torch.topk(s.max_abs, k).indices
+        rows.append({"layer": layer, "name": name, **{f"ch{i + 1}": int(c) for i, c in enumerate(top)},
+                     **{f"ratio{i + 1}": float(ratio[c]) for i, c in enumerate(top)}})
+    return pd.DataFrame(rows)
+
+
+def activation_quant_error(X: torch.Tensor, spec, keep: torch.Tensor | None = None) -> float:
+    """Relative Frobenius error ||X - X_hat|| / ||X|| of quantizing activations ``X [tokens, in]``
+    with ``spec``; channels listed in ``keep`` stay in float (LLM.int8()'s mixed-precision
+    decomposition, Dettmers et al. 2022, eq. 7) and the rest are quantized together."""
+    from qlab.error import rel_fro
+    from qlab.quant import fake_quant
+
+    X = X.float()
+    X_hat = X.clone()
+    rest = torch.ones(X.shape[1], dtype=torch.bool)
+    if keep is not None and len(keep):
+        rest[keep] = False
+    X_hat[:, rest] = fake_quant(X[:, rest].contiguous(), spec)
+    return rel_fro(X, X_hat)

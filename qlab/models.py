@@ -150,3 +150,24 @@ def model_summary(model: nn.Module) -> dict:
         "n_embedding_params": emb.numel(),
         "n_linears": len(block_linears),
     }
+
+
+def weight_stats(model: nn.Module, pattern: str = "model.layers.*"):
+    """One row per linear weight: layer index, kind (q_proj, down_proj, ...), max |w|, std,
+    max |w| / std (a Gaussian of this size would give ~5) and excess kurtosis."""
+    import fnmatch
+
+    import pandas as pd
+
+    rows = []
+    for name, m in linear_layers(model).items():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        w = m.weight.detach().float()
+        z = (w - w.mean()) / w.std()
+        parts = name.split(".")
+        layer = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1
+        rows.append({"name": name, "layer": layer, "kind": parts[-1], "max_abs": float(w.abs().max()),
+                     "std": float(w.std()), "max_over_std": float(w.abs().max() / w.std()),
+                     "kurtosis": float((z**4).mean() - 3)})
+    return pd.DataFrame(rows)

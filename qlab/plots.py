@@ -135,3 +135,70 @@ def plot_rate_distortion(points, variance: float = 1.0, ax=None, max_rate: float
     ax.legend(fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     return ax.figure
+
+
+# ---- real models: outliers and sweeps (notebooks 04, 05) ----------------------------------------------
+def plot_channel_heatmap(matrix, ax=None, title: str = "", log: bool = True, ylabel: str = "layer"):
+    """A [layers, channels] matrix of activation magnitudes (e.g. per-channel max |x| of one input
+    site in every layer) as an image, log colour scale by default."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 4))
+    m = matrix.detach().float().numpy()
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma",
+                   norm=LogNorm(vmin=max(m[m > 0].min(), 1e-3), vmax=m.max()) if log else None)
+    ax.figure.colorbar(im, ax=ax, label="max |x|")
+    ax.set(xlabel="channel", ylabel=ylabel, title=title)
+    return ax.figure
+
+
+def _front(df, x, y):
+    d = df.sort_values([x, y])
+    return d[d[y] <= d[y].cummin()].drop_duplicates(subset=[y], keep="first")
+
+
+def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: str = "label",
+                mark: str = "aligned_q4_1", logy: bool = True, title: str = ""):
+    """Scatter of y against x with the Pareto front (lower-left envelope) drawn as a step line.
+    Rows where ``df[mark]`` is true get hollow markers (results tied to the checkpoint's Q4_1 grid)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 5))
+    families = df[label].str.split().str[0] if label in df else df.index.astype(str)
+    for i, fam in enumerate(dict.fromkeys(families)):
+        sub = df[families == fam]
+        marked = sub[mark].astype(bool) if mark in sub else sub[x] != sub[x]
+        ax.scatter(sub[x][~marked], sub[y][~marked], color=f"C{i % 10}", s=30, label=fam)
+        ax.scatter(sub[x][marked], sub[y][marked], facecolors="none", edgecolors=f"C{i % 10}", s=60, lw=1.5)
+    front = _front(df, x, y)
+    ax.step(front[x], front[y], where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(r[label], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if mark in df and df[mark].astype(bool).any():
+        ax.scatter([], [], facecolors="none", edgecolors="k", s=60, label="groups of 32 = Q4_1 blocks")
+    ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title=title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plotly_pareto(df, x: str = "quantized_bpw", y: str = "ppl", label: str = "label",
+                  mark: str = "aligned_q4_1", logy: bool = True, title: str = ""):
+    """The interactive version of :func:`plot_pareto` (hover shows every column of a row)."""
+    import plotly.express as px
+
+    d = df.copy()
+    d["family"] = d[label].str.split().str[0]
+    d["grid"] = d[mark].map({True: "groups of 32 (Q4_1-aligned)", False: "other"}) if mark in d else "other"
+    hover = [c for c in ("ppl", "kl_mean", "top1", "quantized_bpw", "size_mb") if c in d]
+    fig = px.scatter(d, x=x, y=y, color="family", symbol="grid", hover_name=label, hover_data=hover,
+                     log_y=logy, title=title, symbol_map={"other": "circle", "groups of 32 (Q4_1-aligned)": "circle-open"})
+    front = _front(d, x, y)
+    fig.add_scatter(x=front[x], y=front[y], mode="lines", line_shape="hv", name="Pareto front",
+                    line=dict(color="black", width=1))
+    return fig
