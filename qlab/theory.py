@@ -226,3 +226,34 @@ def clip_sweep(x: torch.Tensor, bits: int, clips) -> torch.Tensor:
     out = [float(((quantize(xf, f"int{bits}-tensor-sym-absmax", scale=torch.tensor([c / qmax])).dequantize()
                   - xf).double() ** 2).mean()) for c in clips]
     return torch.tensor(out, dtype=torch.float64)
+
+
+def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: int = 300) -> dict:
+    """MSE of four b-bit scalar quantizers on samples x (per tensor):
+
+    * 'absmax':   the core's symmetric int grid scaled to max|x| (no clipping);
+    * 'mse_rule': the core's 'mse' rule (clip/max searched in [0.21, 1]); its chosen ratio in 'p_mse_rule';
+    * 'best_clip': the least MSE over clip values log-spaced from max|x|/1000 to max|x|, refined on a
+      fine linear grid around the best (the MSE-optimal uniform quantizer); the clip value in 'clip_at';
+    * 'lloyd':    Lloyd's 2^b-level non-uniform quantizer fitted to x (None above 6 bits: slow to converge).
+    """
+    from qlab.quant import quantize
+
+    xf = x.float()
+    peak = float(xf.abs().max())
+    qmax = 2 ** (bits - 1) - 1
+    out = {"bits": bits, "absmax": _mse(xf, quantize(xf, f"int{bits}-tensor-sym-absmax").dequantize())}
+    qt = quantize(xf, f"int{bits}-tensor-sym-mse")
+    out["mse_rule"] = _mse(xf, qt.dequantize())
+    out["p_mse_rule"] = float(qt.scales()) * qmax / peak
+    clips = torch.logspace(math.log10(peak / 1000), math.log10(peak), n_clips, dtype=torch.float64)
+    i = int(clip_sweep(xf, bits, clips).argmin())  # coarse log grid, then a fine linear grid around it
+    fine = torch.linspace(float(clips[max(i - 1, 0)]), float(clips[min(i + 1, n_clips - 1)]), 21, dtype=torch.float64)
+    sweep = clip_sweep(xf, bits, fine)
+    out["best_clip"], out["clip_at"] = float(sweep.min()), float(fine[sweep.argmin()])
+    out["lloyd"] = lloyd_1d(x, 2**bits, iters=lloyd_iters)["mse"] if bits <= 6 else None
+    return out
+
+
+def _mse(x, x_hat):
+    return float(((x.double() - x_hat.double()) ** 2).mean())
