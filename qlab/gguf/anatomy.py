@@ -85,7 +85,9 @@ def qkx_candidates(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
     L0 = np.clip(nearest_int((F32(nmax) / span) * xm), 0, nmax)
     s0 = F32(span / F32(nmax))
     start_err = float(seqsum(w * (s0 * L0 + F32(vmin) - x) ** 2)[0])
+    best, cur_min = start_err, F32(vmin)
     for k in range(nstep + 1):
+        span, xm = F32(vmax) - cur_min, x - cur_min         # a kept candidate moves the grid's origin
         iscale = (F32(rmin) + F32(rdelta) * F32(k) + F32(nmax)) / span
         L = np.clip(nearest_int(iscale * xm), 0, nmax)
         wl = w * L
@@ -96,5 +98,8 @@ def qkx_candidates(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
         if m[0] > 0:
             s, m = sxl / sl2, np.zeros_like(m)
         err = float(seqsum(w * (s[:, None] * L + m[:, None] - x) ** 2)[0])
-        rows.append(dict(k=k, iscale=float(iscale), scale=float(s[0]), min=float(-m[0]), error=err))
+        kept = bool(D[0] > 0 and err < best)
+        if kept:
+            best, cur_min = err, F32(m[0])
+        rows.append(dict(k=k, iscale=float(iscale), scale=float(s[0]), min=float(-m[0]), error=err, kept=kept))
     return dict(start=dict(scale=float(s0), min=-vmin, error=start_err), candidates=rows)

@@ -36,12 +36,14 @@ class PeerUnavailable(RuntimeError):
     pass
 
 
+@lru_cache(maxsize=1)
 def peer_python() -> str | None:
+    """The peer venv's python if it can import ``llama_cpp`` (checked once), else None."""
     path = os.environ.get("QLAB_LLAMACPP_PYTHON", os.path.join(DEFAULT_PEER, "bin", "python"))
     if not os.path.exists(path):
         return None
-    lib = find_library()
-    return path if lib else None
+    ok = subprocess.run([path, "-c", "import llama_cpp, numpy"], capture_output=True).returncode == 0
+    return path if ok else None
 
 
 def find_library() -> str | None:

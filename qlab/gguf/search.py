@@ -21,6 +21,8 @@ The searches (x = values of one block, w = importance weights, L = integer level
 ``make_qkx_quants``  asymmetric, x ≈ s·L - m: start from min-max, then try ``nstep+1`` scales
                      ``(nmax + rmin + rdelta·k)/(max - min)``; for each, solve the 2×2 weighted
                      least squares for (s, m) and keep the lowest weighted error (|·| or ²).
+                     Once a candidate is kept, its min replaces the block min in the following
+                     candidates' grids (the search walks, it does not only compare).
                      llama.cpp's ``make_qkx2_quants`` and ``make_qkx3_quants`` are both this
                      function (qkx3 only defaults w to x² when no weights are given).
 ``make_qp_quants``   positive values on 0..nmax (used to quantize the sub-block scales themselves
@@ -154,7 +156,7 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     vmax = x.max(axis=-1)
     flat = vmax <= vmin
     sum_w, sum_x = seqsum(w), seqsum(w * x)
-    span = (vmax - vmin)
+    span = vmax - vmin
     xm = x - vmin[:, None]
     err = (lambda d: np.abs(d)) if use_mad else (lambda d: d * d)  # noqa: E731
 
@@ -164,6 +166,8 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     best = seqsum(w * err(scale[:, None] * L + vmin[:, None] - x))
     the_min = vmin
     for k in range(nstep + 1):
+        # as in llama.cpp, an accepted candidate's min replaces the block min for the next ones
+        span, xm = vmax - the_min, x - the_min[:, None]
         isc = _safe_div(F32(rmin) + F32(rdelta) * F32(k) + F32(nmax), span)
         La = np.clip(nearest_int(isc[:, None] * xm), 0, nmax)
         wl = w * La

@@ -53,3 +53,11 @@ def peer():
     if not reference.available():
         pytest.skip("llama.cpp peer absent (set QLAB_LLAMACPP_LIB or build /work/peers/llamacpp)")
     return reference
+
+
+@pytest.fixture(scope="session")
+def peer_llama():
+    """The whole llama-cpp-python peer (its venv's python can import llama_cpp)."""
+    if reference.peer_python() is None:
+        pytest.skip("llama-cpp-python peer venv absent (QLAB_LLAMACPP_PYTHON or /work/peers/llamacpp)")
+    return reference

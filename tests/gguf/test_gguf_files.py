@@ -78,7 +78,7 @@ def test_nan_scale_is_refused(small_file, tmp_path):
     assert load_tensors(bad, validate=False)["b.weight"].qtype == "Q4_K"
 
 
-def test_export_loads_in_llamacpp(tmp_path, peer, embedded_path):
+def test_export_loads_in_llamacpp(tmp_path, peer_llama, embedded_path):
     """Re-quantize the embedded model to a mix with qlab, load it in llama.cpp, check it still talks."""
     src = embedded_path
     from qlab.gguf.files import quantize_gguf
@@ -86,7 +86,7 @@ def test_export_loads_in_llamacpp(tmp_path, peer, embedded_path):
     dst = tmp_path / "q8.gguf"
     quantize_gguf(src, dst, "Q8_0", progress=False)
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
-    ref = peer.llamacpp_perplexity(src, text, n_gen=4)
-    got = peer.llamacpp_perplexity(str(dst), text, n_gen=4)
+    ref = peer_llama.llamacpp_perplexity(src, text, n_gen=4)
+    got = peer_llama.llamacpp_perplexity(str(dst), text, n_gen=4)
     assert got["n_tokens"] == ref["n_tokens"]
     assert abs(got["nll"] - ref["nll"]) < 0.05            # Q8_0 of a Q4_1 model: nearly the same model
