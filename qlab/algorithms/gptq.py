@@ -150,21 +150,22 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    if perm is not None and (act_order or sorted(perm.tolist()) != list(range(columns))):
+        raise ValueError("perm must be a permutation of the input columns (and excludes act_order)")
+    if perm is None:
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
+    reordered = not torch.equal(perm, torch.arange(columns))
+
     n_groups = math.ceil(columns / group)
     scale = torch.zeros(rows, n_groups, dtype=dtype)
     zero_point = None if spec.symmetric else torch.zeros(rows, n_groups, dtype=dtype)
-    if perm is not None and (act_order or sorted(perm.tolist()) != list(range(columns))):
-        raise ValueError("perm must be a permutation of the input columns (and excludes act_order)")
-    reordered = act_order or perm is not None
-    if reordered or group == columns:  # static groups: scales from the (un-updated) weight, up front
+    static = reordered or group == columns
+    if static:  # scales from the (not yet updated) weight, up front: groups stay contiguous in the original order
         for g in range(n_groups):
             scale[:, g], zp = _qparams(W[:, g * group:(g + 1) * group], spec)
             if zp is not None:
                 zero_point[:, g] = zp
-    static = reordered or group == columns
 
-    if perm is None:
-        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, percdamp)
 

@@ -1,0 +1,54 @@
+"""Benchmark: sequential GPTQ of a whole model, against RTN on the same grid.
+
+    python -m qlab.benchmarks.gptq --spec int4-g64 --calib 32 --eval 16
+    python -m qlab.benchmarks.gptq --spec int4-g128-asym-minmax --calib 128      # the timing job of issue 4
+
+Calibration windows come from WikiText-2 calibration articles, evaluation windows from the other
+articles (``qlab.data``), perplexity with ``qlab.eval`` (every position of each window scored). Prints
+one JSON line per model: spec, method, perplexity, and for GPTQ the wall time of the quantization.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from qlab.algorithms.sequential import gptq_model
+from qlab.apply import quantize_model, weight_only
+from qlab.data import wikitext2_windows
+from qlab.eval import perplexity
+from qlab.models import load_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default="int4-g128-asym-minmax")
+    p.add_argument("--calib", type=int, default=32, help="calibration windows")
+    p.add_argument("--eval", type=int, default=16, help="evaluation windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model()
+    n_articles = max(8, args.calib * args.seq_len // 2500)  # enough calibration articles for the windows
+    calib = wikitext2_windows(tokenizer, "calibration", args.seq_len, args.calib, n_calibration=n_articles)
+    evals = wikitext2_windows(tokenizer, "evaluation", args.seq_len, args.eval, n_calibration=n_articles)
+    report = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
+
+    report(method="float", ppl=perplexity(model, evals, progress=False))
+    rtn_model, size = quantize_model(model, weight_only(args.spec))
+    report(method="rtn", spec=args.spec, ppl=perplexity(rtn_model, evals, progress=False))
+    del rtn_model
+
+    t0 = time.perf_counter()
+    gptq_model(model, calib, args.spec, act_order=args.act_order)
+    seconds = time.perf_counter() - t0
+    report(method="gptq", spec=args.spec, act_order=args.act_order, calib_windows=args.calib,
+           seq_len=args.seq_len, seconds=round(seconds, 1), ppl=perplexity(model, evals, progress=False))
+
+
+if __name__ == "__main__":
+    main()
