@@ -54,8 +54,8 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.XtX += x.T @ x
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.XtX += (x.T @ x).double()  # one batch in float32, the running sum in float64
         self.n += x.shape[0]
 
     @property

@@ -6,10 +6,10 @@ calibration windows through the model layer by layer instead:
 
 1. capture the inputs of decoder layer 0 (the embeddings) and its keyword arguments (mask, rotary
    position embeddings) with a pre-hook that stops the forward pass;
-2. for each layer, and inside it for each group of Linears in forward order ("true sequential":
-   q/k/v, then o, then gate/up, then down), accumulate H = 2/n X^T X from the current inputs with
-   hooks, GPTQ-quantize the group and put the quantized weights in place, so that the next group's
-   inputs already see them;
+2. for each layer, accumulate H = 2/n X^T X of every Linear from the current inputs with hooks,
+   GPTQ-quantize them and put the quantized weights in place (with ``true_sequential``, group by
+   group in forward order: q/k/v, then o, then gate/up, then down, each group's inputs computed
+   with the groups before it already quantized);
 3. run the fully quantized layer on the inputs to get the next layer's inputs.
 
 Embeddings, norms and the LM head stay in float (the usual weight-only protocol).
@@ -75,12 +75,18 @@ def _run(layer, store):
 
 @torch.no_grad()
 def _hessians(layer, linears: dict, names: list, store) -> dict:
-    """H of each Linear in ``names`` on the layer's current inputs; stops each pass after the last one."""
-    accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
+    """H of each Linear in ``names`` on the layer's current inputs. Linears that read the same tensor
+    (q/k/v, gate/up) share one accumulator; each pass stops after the last Linear of the group."""
+    accs, seen = {}, {}
 
     def hook(name):
         def fn(module, args):
-            accs[name].add(args[0])
+            x = args[0]
+            if id(x) in seen:  # same input tensor as a Linear before it in this pass
+                accs[name] = seen[id(x)]
+            else:
+                accs.setdefault(name, HessianAccumulator(linears[name].in_features)).add(x)
+                seen[id(x)] = accs[name]
             if name == names[-1]:
                 raise _Stop
 
@@ -89,6 +95,7 @@ def _hessians(layer, linears: dict, names: list, store) -> dict:
     handles = [linears[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         for hidden, kwargs in store:
+            seen.clear()
             try:
                 layer(hidden, **kwargs)
             except _Stop:
@@ -96,15 +103,19 @@ def _hessians(layer, linears: dict, names: list, store) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {n: acc.H for n, acc in accs.items()}
+    return {n: accs[n].H for n in names}
 
 
 @torch.no_grad()
 def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block_size: int = 128,
-               percdamp: float = 0.01, act_order: bool = False, true_sequential: bool = True,
+               percdamp: float = 0.01, act_order: bool = False, true_sequential: bool = False,
                progress: bool = True) -> dict:
     """GPTQ-quantize every Linear of every decoder layer of ``model`` in place (weights replaced by their
-    de-quantized values) on calibration ``windows`` [n, seq_len]. Returns {qualified name: QuantizedTensor}."""
+    de-quantized values) on calibration ``windows`` [n, seq_len]. Returns {qualified name: QuantizedTensor}.
+
+    ``true_sequential=False`` (the reference's default) takes the Hessians of all Linears of a layer from
+    one pass over the float layer; ``True`` re-runs the layer after each group, so that o_proj sees the
+    quantized q/k/v, down_proj the quantized gate/up (slower: up to four passes instead of one)."""
     spec = QuantSpec.parse(spec)
     _, layers = _decoder_layers(model)
     store = first_layer_inputs(model, windows, batch_size)

@@ -22,7 +22,7 @@ def test_sequential_gptq_on_a_tiny_llama():
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     calib, test = torch.randint(0, 128, (16, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
-    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False)
+    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False, true_sequential=True)
     assert len(results) == 2 * 7
     # the model holds the de-quantized weights
     for name, qt in results.items():
@@ -51,3 +51,22 @@ def test_sequential_gptq_on_a_tiny_llama():
         e_gptq = float(((model(input_ids=calib).logits - ref) ** 2).mean())
         e_rtn = float(((rtn_model(input_ids=calib).logits - ref) ** 2).mean())
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_one_pass_mode_shares_inputs():
+    """Without true-sequential, q/k/v of layer 0 read the same input: GPTQ with the H of that input."""
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False)
+    captured = []
+    layer0 = reference.model.layers[0]
+    hook = layer0.self_attn.k_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        for start in range(0, 8, 4):
+            reference(input_ids=calib[start:start + 4], use_cache=False)
+    hook.remove()
+    H = hessian(torch.cat(captured))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        again = gptq(getattr(layer0.self_attn, name).weight.data, H, SPEC)
+        assert torch.equal(again.codes(), results[f"model.layers.0.self_attn.{name}"].codes())
