@@ -20,6 +20,7 @@ contribution to the output error (AWQ's reference skips this for q/k projections
 folding ``s`` into the previous op with ``qlab.transforms.fold_into_norm`` / ``fold_into_linear``.
 """
 from dataclasses import dataclass
+import math
 
 import torch
 
@@ -67,6 +68,13 @@ def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20):
     return awq_scales(x_mean, best / n_grid), best / n_grid, losses
 
 
+def _pad_columns(A: torch.Tensor, g: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of g and split it into groups: [..., in] -> [..., G, g].
+    (A row of 576 in groups of 128: four groups and a last one of 64 real columns plus 64 zeros.)"""
+    pad = -A.shape[-1] % g
+    return torch.nn.functional.pad(A, (0, pad)).reshape(*A.shape[:-1], -1, g)
+
+
 def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_shrink: float = 0.5,
                 n_tokens: int = 512) -> torch.Tensor:
     """Per output channel and group, the clipping range max_val = p * max|w_group| minimising
@@ -75,21 +83,18 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     spec = QuantSpec.parse(spec)
     out_features, in_features = W.shape
     g = _group_size(spec, in_features)
-    if in_features % g:
-        raise ValueError(f"the clipping search needs the group size ({g}) to divide the row ({in_features})")
     X = X.reshape(-1, in_features).float()
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
-    Xg = X.reshape(X.shape[0], -1, g)  # [n, G, g]
-    Wg = W.float().reshape(out_features, -1, g)  # [out, G, g]
+    Xg = _pad_columns(X, g)  # [n, G, g]
+    Wg = _pad_columns(W.float(), g)  # [out, G, g]
     ref = torch.einsum("ngk,ogk->nog", Xg, Wg)
     org_max = Wg.abs().amax(dim=-1)  # [out, G]
     best_err = torch.full_like(org_max, float("inf"))
     best_max = org_max.clone()
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
-        clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
-        Wq = fake_quant(clipped.reshape(out_features, in_features), spec).reshape_as(Wg)
-        err = ((torch.einsum("ngk,ogk->nog", Xg, Wq) - ref) ** 2).mean(dim=0)  # [out, G]
+        Wq = fake_quant(apply_clip(W.float(), max_val), spec)
+        err = ((torch.einsum("ngk,ogk->nog", Xg, _pad_columns(Wq, g)) - ref) ** 2).mean(dim=0)  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
@@ -97,10 +102,12 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
 
 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """Clamp each group of W [out, in] to [-max_val, max_val] (max_val [out, n_groups])."""
-    g = W.shape[1] // max_val.shape[1]
-    Wg = W.reshape(W.shape[0], -1, g)
-    return torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None]).reshape_as(W)
+    """Clamp each group of W [out, in] to [-max_val, max_val] (max_val [out, n_groups]; the last group
+    may be shorter)."""
+    g = math.ceil(W.shape[1] / max_val.shape[1])
+    Wg = _pad_columns(W, g)
+    clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
+    return clipped.reshape(W.shape[0], -1)[:, : W.shape[1]]
 
 
 @dataclass

@@ -74,3 +74,15 @@ def test_bad_input(real_layer):
         awq(W, X, "nf4")
     with pytest.raises(ValueError, match="weights must be"):
         awq(W[:, :100], X, "int4-g64")
+
+
+def test_ragged_last_group(real_layer):
+    """576 columns in groups of 128: four full groups and one of 64."""
+    W, X = real_layer
+    max_val = search_clip(W, X, "int4-g128-asym-minmax")
+    assert max_val.shape == (192, 5)
+    clipped = apply_clip(W, max_val)
+    assert clipped.shape == W.shape
+    assert torch.equal(clipped[:, 512:].abs().amax(1), torch.minimum(W[:, 512:].abs().amax(1), max_val[:, 4]))
+    assert torch.equal(apply_clip(torch.tensor([[1.0, -5.0, 2.0]]), torch.tensor([[2.0, 1.5]])),
+                       torch.tensor([[1.0, -2.0, 1.5]]))
