@@ -182,17 +182,31 @@ def top_channels(stats: dict[str, ChannelStats], suffix: str, k: int = 3):
     return pd.DataFrame(rows)
 
 
-def activation_quant_error(X: torch.Tensor, spec, keep: torch.Tensor | None = None) -> float:
-    """Relative Frobenius error ||X - X_hat|| / ||X|| of quantizing activations ``X [tokens, in]``
-    with ``spec``; channels listed in ``keep`` stay in float (LLM.int8()'s mixed-precision
-    decomposition, Dettmers et al. 2022, eq. 7) and the rest are quantized together."""
+def activation_quant_error(
+    X: torch.Tensor,
+    spec,
+    keep_channels: torch.Tensor | None = None,
+    keep_tokens: torch.Tensor | None = None,
+    measure_tokens: torch.Tensor | None = None,
+) -> float:
+    """Relative error ||X - X_hat||_F / ||X||_F of quantizing activations ``X [tokens, in]`` with ``spec``.
+
+    Channels in ``keep_channels`` and tokens in the boolean mask ``keep_tokens`` stay in float
+    (LLM.int8()'s mixed-precision decomposition, Dettmers et al. 2022, eq. 7, keeps outlier channels);
+    everything else is quantized *together* (so a per-tensor scale sees only those values). The error is
+    measured on the rows ``measure_tokens`` (boolean mask; all rows if None): a massive token dominates
+    ||X||, so measure on the ordinary tokens to see what it does to them.
+    """
     from qlab.error import rel_fro
     from qlab.quant import fake_quant
 
     X = X.float()
+    rows = torch.ones(X.shape[0], dtype=torch.bool) if keep_tokens is None else ~keep_tokens
+    cols = torch.ones(X.shape[1], dtype=torch.bool)
+    if keep_channels is not None and len(keep_channels):
+        cols[keep_channels] = False
     X_hat = X.clone()
-    rest = torch.ones(X.shape[1], dtype=torch.bool)
-    if keep is not None and len(keep):
-        rest[keep] = False
-    X_hat[:, rest] = fake_quant(X[:, rest].contiguous(), spec)
-    return rel_fro(X, X_hat)
+    block = X[rows][:, cols].contiguous()
+    X_hat[rows.nonzero()[:, :1], cols.nonzero()[:, 0]] = fake_quant(block, spec)
+    m = slice(None) if measure_tokens is None else measure_tokens
+    return rel_fro(X[m], X_hat[m])

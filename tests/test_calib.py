@@ -74,3 +74,25 @@ def test_embedded_model_has_outlier_features_and_a_massive_first_token(embedded)
     res = calib.residual_stream_abs(model, w)  # [31, 128]
     assert res.shape == (31, 128)
     assert res[1:-1, 0].amax() > 1000 and res[1:-1, 0].amax() > 20 * res[1:-1, 1:].amax()
+
+
+def test_activation_quant_error_by_hand():
+    """One value of 1000 sets a per-tensor int8 step of 1000/127 = 7.9: every N(0,1) value rounds to 0
+    (relative error exactly 1 on the other tokens); keeping that channel or that token in float, or
+    per-token scales, repairs it."""
+    from qlab.error import rel_fro
+    from qlab.quant import fake_quant
+
+    X = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    X[0, 3] = 1000.0
+    first = torch.zeros(10, dtype=torch.bool)
+    first[0] = True
+    err = lambda spec, **kw: calib.activation_quant_error(X, spec, measure_tokens=~first, **kw)  # noqa: E731
+    assert err("int8-tensor-sym-absmax") == 1.0
+    rest = X[1:]
+    assert err("int8-tensor-sym-absmax", keep_tokens=first) == pytest.approx(rel_fro(rest, fake_quant(rest, "int8-tensor-sym-absmax")))
+    cols = [0, 1, 2, 4, 5, 6, 7]
+    with_float_col = X.clone()
+    with_float_col[:, cols] = fake_quant(X[:, cols].contiguous(), "int8-tensor-sym-absmax")
+    assert err("int8-tensor-sym-absmax", keep_channels=torch.tensor([3])) == pytest.approx(rel_fro(rest, with_float_col[1:]))
+    assert err("int8-token-sym-absmax") < 0.01
