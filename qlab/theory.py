@@ -124,7 +124,8 @@ def midrise_quantize(x: torch.Tensor, bits: int, peak: float = 1.0) -> torch.Ten
 # ---- rate–distortion ------------------------------------------------------------------------------
 def gaussian_rd(rate, variance: float = 1.0):
     """Equation (2): D(R) = σ² 2^(-2R), the least MSE at R bits per sample for a Gaussian source."""
-    return variance * 2.0 ** (-2 * torch.as_tensor(rate, dtype=torch.float64))
+    rate = rate.double() if isinstance(rate, torch.Tensor) else torch.tensor(rate, dtype=torch.float64)
+    return variance * 2.0 ** (-2 * rate)
 
 
 def entropy_bits(codes: torch.Tensor) -> float:
