@@ -123,8 +123,9 @@ class AWQResult:
     max_val: list | None
 
 
-def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip: bool = True) -> AWQResult:
+def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQResult:
     """AWQ for the Linears ``weights`` (tensors [out_i, in] or nn.Linears) that all read inputs X [..., in].
+    ``clip``: run the clipping search (a bool, or one bool per weight: the reference skips q and k).
 
     >>> W = torch.randn(8, 64); X = torch.randn(256, 64) * torch.linspace(0.1, 4, 64)
     >>> r = awq([W], X, "int3-g32-asym-minmax"); r.qweights[0].shape, r.s.shape
@@ -140,10 +141,13 @@ def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip: bool = True) 
         if W.dim() != 2 or W.shape[1] != X.shape[-1]:
             raise ValueError(f"weights must be [out, {X.shape[-1]}] to read these inputs, got {tuple(W.shape)}")
         _group_size(spec, W.shape[1])
+    clips = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
+    if len(clips) != len(weights):
+        raise ValueError(f"clip must be a bool or one bool per weight ({len(weights)}), got {clip!r}")
     s, alpha, losses = search_scale(weights, X, spec, n_grid)
     scaled = [W.float() * s for W in weights]
-    max_val = [search_clip(Ws, X / s, spec) for Ws in scaled] if clip else None
-    if clip:
-        scaled = [apply_clip(Ws, m) for Ws, m in zip(scaled, max_val)]
+    max_val = [search_clip(Ws, X / s, spec) if c else None for Ws, c in zip(scaled, clips)]
+    scaled = [Ws if m is None else apply_clip(Ws, m) for Ws, m in zip(scaled, max_val)]
+    max_val = None if not any(clips) else max_val
     qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
     return AWQResult(s=s, alpha=alpha, losses=losses, qweights=qweights, max_val=max_val)

@@ -12,14 +12,21 @@ calibration windows through the model layer by layer instead:
    with the groups before it already quantized);
 3. run the fully quantized layer on the inputs to get the next layer's inputs.
 
+``awq_model`` walks the model the same way for AWQ: per layer, the inputs of every Linear are captured
+in one pass; for each group of Linears that read one input (``qlab.transforms.llama_scaling_groups``)
+the scales are searched and folded into the previous op, the clipping ranges searched (not for q and k,
+as in the reference), and the layer is quantized before its outputs feed the next layer.
+
 Embeddings, norms and the LM head stay in float (the usual weight-only protocol).
 """
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlab.algorithms.awq import apply_clip, awq
 from qlab.algorithms.gptq import HessianAccumulator, gptq
-from qlab.quant import QuantSpec
+from qlab.quant import QuantSpec, quantize
+from qlab.transforms import llama_scaling_groups
 
 # Linears quantized together, in forward order, for Llama-style decoder layers.
 LLAMA_SEQUENTIAL = [
@@ -77,16 +84,17 @@ def _run(layer, store):
 def _hessians(layer, linears: dict, names: list, store) -> dict:
     """H of each Linear in ``names`` on the layer's current inputs. Linears that read the same tensor
     (q/k/v, gate/up) share one accumulator; each pass stops after the last Linear of the group."""
-    accs, seen = {}, {}
+    accs, seen = {}, []  # seen: (input tensor, its accumulator) of this pass
 
     def hook(name):
         def fn(module, args):
             x = args[0]
-            if id(x) in seen:  # same input tensor as a Linear before it in this pass
-                accs[name] = seen[id(x)]
+            shared = next((acc for y, acc in seen if y is x), None)  # same tensor as a Linear before it
+            if shared is not None:
+                accs[name] = shared
             else:
                 accs.setdefault(name, HessianAccumulator(linears[name].in_features)).add(x)
-                seen[id(x)] = accs[name]
+                seen.append((x, accs[name]))
             if name == names[-1]:
                 raise _Stop
 
@@ -130,5 +138,51 @@ def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block
                 qt = gptq(weight.data, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
                 weight.data = qt.dequantize().to(weight.dtype)
                 results[f"model.layers.{i}.{name}"] = qt
+        store = _run(layer, store)
+    return results
+
+
+@torch.no_grad()
+def _inputs(layer, store) -> dict:
+    """{id(linear): X [tokens, in]} for every Linear of the layer, from one pass over the stored inputs."""
+    rows = {}
+    handles = [m.register_forward_pre_hook(lambda m, a: rows.setdefault(id(m), []).append(a[0].reshape(-1, a[0].shape[-1]).float()))
+               for m in layer.modules() if isinstance(m, nn.Linear)]
+    try:
+        for hidden, kwargs in store:
+            layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+@torch.no_grad()
+def awq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, n_grid: int = 20,
+              progress: bool = True) -> dict:
+    """AWQ every Linear of every (Llama-style) decoder layer in place: scales folded into the previous ops,
+    weights clipped and replaced by their de-quantized values. Returns {qualified name: QuantizedTensor}."""
+    spec = QuantSpec.parse(spec)
+    _, layers = _decoder_layers(model)
+    store = first_layer_inputs(model, windows, batch_size)
+    results = {}
+    for i, layer in enumerate(tqdm(layers, desc=f"AWQ {spec}", disable=not progress)):
+        names = {id(m): n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        inputs = _inputs(layer, store)
+        done = set()
+        for prev, linears, fold in llama_scaling_groups(layer):
+            X = inputs[id(linears[0])]
+            clip = [not names[id(m)].endswith(("q_proj", "k_proj")) for m in linears]
+            result = awq(linears, X, spec, n_grid=n_grid, clip=clip)
+            fold(prev, linears, result.s)
+            for k, m in enumerate(linears):
+                if result.max_val is not None and result.max_val[k] is not None:
+                    m.weight.data = apply_clip(m.weight.data, result.max_val[k])
+            done.update(id(m) for m in linears)
+        for n, m in layer.named_modules():  # quantize the layer (and any Linear no fold reached, as RTN)
+            if isinstance(m, nn.Linear):
+                qt = quantize(m.weight.data, spec)
+                m.weight.data = qt.dequantize().to(m.weight.dtype)
+                results[f"model.layers.{i}.{n}"] = qt
         store = _run(layer, store)
     return results

@@ -70,3 +70,28 @@ def test_one_pass_mode_shares_inputs():
     for name in ("q_proj", "k_proj", "v_proj"):
         again = gptq(getattr(layer0.self_attn, name).weight.data, H, SPEC)
         assert torch.equal(again.codes(), results[f"model.layers.0.self_attn.{name}"].codes())
+
+
+def test_awq_model_on_a_tiny_llama():
+    from qlab.algorithms.sequential import awq_model
+
+    model = tiny_llama()
+    for name, p in model.named_parameters():  # give the activations outlier channels, as in real LLMs
+        if "layernorm" in name:
+            p.data = torch.ones_like(p)
+            p.data[:3] = 30.0
+    reference = copy.deepcopy(model)
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    results = awq_model(model, calib, SPEC, batch_size=4, n_grid=10, progress=False)
+    assert len(results) == 2 * 7
+    for name, qt in results.items():
+        assert torch.equal(model.get_submodule(name).weight.data, qt.dequantize())
+    rtn_model = copy.deepcopy(reference)
+    for name in results:
+        w = rtn_model.get_submodule(name).weight
+        w.data = fake_quant(w.data, SPEC)
+    with torch.no_grad():
+        ref = reference(input_ids=calib).logits
+        e_awq = float(((model(input_ids=calib).logits - ref) ** 2).mean())
+        e_rtn = float(((rtn_model(input_ids=calib).logits - ref) ** 2).mean())
+    assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
