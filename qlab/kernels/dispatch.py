@@ -26,6 +26,7 @@ import torch
 
 ENV_VAR = "QLAB_KERNELS"
 BACKENDS = ("torch", "triton", "interpret")
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")  # compiler options, not kernel arguments
 
 
 def triton_installed() -> bool:
@@ -98,8 +99,9 @@ class Kernel:
     def launch(self, backend: str, grid, *args, **meta):
         """Run on ``grid`` (a tuple, or a function of the launch meta-parameters giving one).
 
-        ``meta`` holds the constexpr arguments the caller fixes (and may set ``num_warps``); block
-        sizes come from ``default`` (or from the autotuner on a GPU).
+        ``meta`` holds the constexpr arguments the caller fixes, and may set compiler ``OPTIONS``
+        (e.g. ``enable_fp_fusion=False`` to keep a*b + c from becoming one FMA, so that results
+        match torch bit for bit); block sizes come from ``default`` (or from the autotuner on a GPU).
         """
         if backend not in ("triton", "interpret"):
             raise ValueError(f"a Triton kernel runs on 'triton' or 'interpret', not {backend!r}")
@@ -108,11 +110,11 @@ class Kernel:
         fn = self._compiled[backend]
         tuned = backend == "triton" and self.autotune
         config = {} if tuned else self.default
-        launch_meta = {**{k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}, **meta}
+        launch_meta = {**{k: v for k, v in config.items() if k not in OPTIONS}, **meta}
         if not tuned and backend == "triton":
             launch_meta.setdefault("num_warps", config.get("num_warps", 4))
         if backend == "interpret":
-            launch_meta.pop("num_warps", None)
+            launch_meta = {k: v for k, v in launch_meta.items() if k not in OPTIONS}
         return fn[grid](*args, **launch_meta)
 
 

@@ -64,9 +64,8 @@ def _fwht_kernel(x_ptr, signs_ptr, y_ptr, stride_x, stride_y, norm,
     x = tl.load(x_ptr + row * stride_x + offs).to(tl.float32)
     if HAS_SIGNS:
         x = x * tl.load(signs_ptr + offs).to(tl.float32)
-    for s in tl.static_range(LOG_N):
-        H: tl.constexpr = 1 << s
-        x3 = tl.reshape(x, (N // (2 * H), 2, H))  # element i -> [i // 2H, (i // H) % 2, i % H]
+    for s in tl.static_range(LOG_N):  # stage s pairs i with i + h, h = 2**s (a constexpr: s is unrolled)
+        x3 = tl.reshape(x, (N >> (s + 1), 2, 1 << s))  # element i -> [i // 2h, (i // h) % 2, i % h]
         half = tl.arange(0, 2)[None, :, None]
         a = tl.sum(tl.where(half == 0, x3, 0.0), axis=1)  # [N/2H, H]: the "top" of each pair
         b = tl.sum(tl.where(half == 1, x3, 0.0), axis=1)  # the "bottom"

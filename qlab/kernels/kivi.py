@@ -196,5 +196,6 @@ def kivi_dequantize(qkv: KVQuantized, dtype=torch.float32, backend: str | None =
     grid = lambda meta: (dispatch.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
     _dequantize_kernel.launch(backend, grid, qkv.packed.contiguous(), qkv.scale.contiguous(),
                               qkv.minimum.contiguous(), out, numel, t, d, qkv.scale.shape[-1],
-                              BITS=qkv.bits, GROUP=qkv.group_size, AXIS=AXES[qkv.kind])
+                              BITS=qkv.bits, GROUP=qkv.group_size, AXIS=AXES[qkv.kind],
+                              enable_fp_fusion=False)  # no FMA: bit-exact with the reference
     return out.reshape(qkv.shape)

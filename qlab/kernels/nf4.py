@@ -148,7 +148,8 @@ def nf4_dequantize(weight: NF4Weight, dtype=torch.float32, backend: str | None =
     grid = lambda meta: (dispatch.cdiv(weight.numel, meta["BLOCK"]),)  # noqa: E731
     _dequantize_kernel.launch(backend, grid, weight.packed, weight.absmax_codes, weight.absmax_scale.float(),
                               levels, table, out, weight.numel, weight.absmax_mean,
-                              BLOCKSIZE=weight.blocksize, ABS_BLOCKSIZE=weight.absmax_blocksize)
+                              BLOCKSIZE=weight.blocksize, ABS_BLOCKSIZE=weight.absmax_blocksize,
+                              enable_fp_fusion=False)  # no FMA: bit-exact with the reference
     return out.reshape(weight.shape)
 
 
