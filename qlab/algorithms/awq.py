@@ -39,7 +39,7 @@ def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _group_size(spec: QuantSpec, in_features: int) -> int:
+def group_size(spec: QuantSpec, in_features: int) -> int:
     gran = spec.granularity
     if isinstance(gran, PerGroup):
         return gran.size
@@ -82,7 +82,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     Returns max_val [out, n_groups]."""
     spec = QuantSpec.parse(spec)
     out_features, in_features = W.shape
-    g = _group_size(spec, in_features)
+    g = group_size(spec, in_features)
     X = X.reshape(-1, in_features).float()
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
     Xg = _pad_columns(X, g)  # [n, G, g]
@@ -93,7 +93,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     best_max = org_max.clone()
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
-        Wq = fake_quant(apply_clip(W.float(), max_val), spec)
+        Wq = fake_quant(apply_clip(W.float(), max_val, g), spec)
         err = ((torch.einsum("ngk,ogk->nog", Xg, _pad_columns(Wq, g)) - ref) ** 2).mean(dim=0)  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -101,10 +101,12 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     return best_max
 
 
-def apply_clip(W: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """Clamp each group of W [out, in] to [-max_val, max_val] (max_val [out, n_groups]; the last group
-    may be shorter)."""
-    g = math.ceil(W.shape[1] / max_val.shape[1])
+def apply_clip(W: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each group of ``group_size`` columns of W [out, in] to [-max_val, max_val]
+    (max_val [out, n_groups]; the last group may be shorter)."""
+    g = group_size
+    if max_val.shape != (W.shape[0], math.ceil(W.shape[1] / g)):
+        raise ValueError(f"max_val must be [{W.shape[0]}, {math.ceil(W.shape[1] / g)}], got {tuple(max_val.shape)}")
     Wg = _pad_columns(W, g)
     clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
     return clipped.reshape(W.shape[0], -1)[:, : W.shape[1]]
@@ -140,14 +142,15 @@ def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQRe
         validate(W, "weight")
         if W.dim() != 2 or W.shape[1] != X.shape[-1]:
             raise ValueError(f"weights must be [out, {X.shape[-1]}] to read these inputs, got {tuple(W.shape)}")
-        _group_size(spec, W.shape[1])
+        group_size(spec, W.shape[1])
     clips = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
     if len(clips) != len(weights):
         raise ValueError(f"clip must be a bool or one bool per weight ({len(weights)}), got {clip!r}")
     s, alpha, losses = search_scale(weights, X, spec, n_grid)
     scaled = [W.float() * s for W in weights]
     max_val = [search_clip(Ws, X / s, spec) if c else None for Ws, c in zip(scaled, clips)]
-    scaled = [Ws if m is None else apply_clip(Ws, m) for Ws, m in zip(scaled, max_val)]
+    g = group_size(spec, X.shape[-1])
+    scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, max_val)]
     max_val = None if not any(clips) else max_val
     qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
     return AWQResult(s=s, alpha=alpha, losses=losses, qweights=qweights, max_val=max_val)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlab.algorithms.awq import apply_clip, awq
+from qlab.algorithms.awq import apply_clip, awq, group_size
 from qlab.algorithms.gptq import HessianAccumulator, gptq
 from qlab.quant import QuantSpec, quantize
 from qlab.transforms import llama_scaling_groups
@@ -177,7 +177,7 @@ def awq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, n_grid
             fold(prev, linears, result.s)
             for k, m in enumerate(linears):
                 if result.max_val is not None and result.max_val[k] is not None:
-                    m.weight.data = apply_clip(m.weight.data, result.max_val[k])
+                    m.weight.data = apply_clip(m.weight.data, result.max_val[k], group_size(spec, m.in_features))
             done.update(id(m) for m in linears)
         for n, m in layer.named_modules():  # quantize the layer (and any Linear no fold reached, as RTN)
             if isinstance(m, nn.Linear):

@@ -57,7 +57,7 @@ def test_clip_search_matches_brute_force(gen):
 
 def test_apply_clip_by_hand():
     W = torch.tensor([[1.0, -5.0, 2.0, 0.5]])
-    assert torch.equal(apply_clip(W, torch.tensor([[2.0, 1.0]])), torch.tensor([[1.0, -2.0, 1.0, 0.5]]))
+    assert torch.equal(apply_clip(W, torch.tensor([[2.0, 1.0]]), 2), torch.tensor([[1.0, -2.0, 1.0, 0.5]]))
 
 
 def test_shared_input_gives_one_scale(real_layer):
@@ -81,8 +81,17 @@ def test_ragged_last_group(real_layer):
     W, X = real_layer
     max_val = search_clip(W, X, "int4-g128-asym-minmax")
     assert max_val.shape == (192, 5)
-    clipped = apply_clip(W, max_val)
+    clipped = apply_clip(W, max_val, 128)
     assert clipped.shape == W.shape
-    assert torch.equal(clipped[:, 512:].abs().amax(1), torch.minimum(W[:, 512:].abs().amax(1), max_val[:, 4]))
-    assert torch.equal(apply_clip(torch.tensor([[1.0, -5.0, 2.0]]), torch.tensor([[2.0, 1.5]])),
+    for k, start in enumerate(range(0, 576, 128)):  # every group, the last one 64 wide
+        block, limit = W[:, start:start + 128], max_val[:, k:k + 1]
+        assert torch.equal(clipped[:, start:start + 128], torch.maximum(torch.minimum(block, limit), -limit))
+    assert torch.equal(apply_clip(torch.tensor([[1.0, -5.0, 2.0]]), torch.tensor([[2.0, 1.5]]), 2),
                        torch.tensor([[1.0, -2.0, 1.5]]))
+
+
+def test_clip_helps_with_a_ragged_group(real_layer):
+    W, X = real_layer
+    spec = "int3-g128-asym-minmax"
+    err = lambda r: float(((X @ W.T - (X / r.s) @ r.qweights[0].dequantize().T) ** 2).mean())  # noqa: E731
+    assert err(awq(W, X, spec)) < err(awq(W, X, spec, clip=False))
