@@ -11,11 +11,12 @@ form one little-endian stream of nibbles, so weight (n, k) is code number ``e = 
 in byte ``e // 2``, low nibble if ``e`` is even. Example: codes [1, 2, 15] pack to bytes
 [0x21, 0x0F]. ``scale`` and ``zero`` have shape [N, ceil(K / g)]; the last group may be shorter.
 
-qlab's grids store a signed int4 value q as the offset-binary code q + 8, and
-``QuantizedTensor.dequantize`` computes scale * (q - zero_point); so the kernel's ``zero`` is
-zero_point + 8 for int4 (zero_point for uint4), and the constant 8 when the format is symmetric.
+qlab's grids store a value q as the offset-binary code q - qmin, and ``QuantizedTensor.dequantize``
+computes scale * (q - zero_point); so the kernel's ``zero`` is zero_point - qmin: the zero point
+itself for an asymmetric (uint4) spec, and the constant -qmin for a symmetric one (7 for qlab's
+default restricted int4 grid [-7, 7], 8 for the full range [-8, 7]).
 
-Two kernels share that dequantization: a GEMM built on ``tl.dot`` for M >= 16-ish, and a GEMV
+Two kernels share that dequantization: a GEMM built on ``tl.dot`` for M > GEMV_MAX_M, and a GEMV
 (one program per row of x, a multiply-and-reduce) for the memory-bound batch-1 case.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Int4Weight:
     zero: torch.Tensor | None  # float [N, ceil(K/g)] (in code units) or None
     shape: tuple  # (N, K)
     group_size: int
-    code_offset: float = 8.0  # zero of a symmetric signed int4 grid
+    code_offset: float = 8.0  # zero of a symmetric grid: -qmin (8 for int4 [-8, 7], 7 for [-7, 7])
 
     @classmethod
     def from_quantized(cls, qt) -> "Int4Weight":
