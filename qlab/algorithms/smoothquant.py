@@ -119,3 +119,39 @@ def smoothquant(weights, act_max: torch.Tensor, alpha: float = 0.5) -> SmoothQua
             raise ValueError(f"weights must be [out, {act_max.numel()}], got {tuple(W.shape)}")
     s = smoothing_scales(act_max, weights, alpha)
     return SmoothQuantResult(s=s, qweights=[quantize(W.float() * s, WEIGHT_SPEC) for W in weights])
+
+
+@torch.no_grad()
+def smooth_model(model, act_max: dict, alpha: float = 0.5) -> dict:
+    """Fold SmoothQuant scales into every decoder layer's RMSNorms (input_layernorm -> q/k/v,
+    post_attention_layernorm -> gate/up), as the reference does. ``act_max`` maps Linear names
+    ('model.layers.0.self_attn.q_proj', ...) to per-channel max|x| of their inputs (e.g. from
+    ``qlab.calib.input_stats(...)[name].max_abs``). Returns {layer index: s} per folded norm."""
+    from qlab.transforms import fold_into_norm, llama_scaling_groups
+
+    names = {id(m): n for n, m in model.named_modules()}
+    applied = {}
+    for prev, linears, fold in (g for layer in model.model.layers for g in llama_scaling_groups(layer)):
+        if fold is not fold_into_norm:
+            continue
+        key = names[id(linears[0])]
+        if key not in act_max:
+            raise ValueError(f"no activation statistics for {key}")
+        s = smoothing_scales(act_max[key], linears, alpha)
+        fold(prev, linears, s)
+        applied[names[id(prev)]] = s
+    return applied
+
+
+def w8a8_model(model, act: str = "token", act_max: dict | None = None, pattern: str = "model.layers.") -> dict:
+    """Replace every Linear whose name starts with ``pattern`` by a W8A8Linear, in place (for 'static',
+    ``act_max`` gives each layer's calibrated max|x|). Returns {name: W8A8Linear}."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.startswith(pattern):
+            stat = None if act_max is None else act_max[name]
+            new = W8A8Linear.from_linear(module, act=act, act_max=stat)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            replaced[name] = new
+    return replaced

@@ -64,3 +64,33 @@ def _linear(W):
     lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
     lin.weight.data = W.clone()
     return lin
+
+
+def test_smooth_model_keeps_the_function_and_w8a8_model_runs():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlab.algorithms.smoothquant import smooth_model, w8a8_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    stats = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats.__setitem__(n, max_abs(a[0])))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        before = model(tokens).logits
+    for h in hooks:
+        h.remove()
+    smoothed = copy.deepcopy(model)
+    folded = smooth_model(smoothed, stats, alpha=0.5)
+    assert len(folded) == 4
+    with torch.no_grad():
+        assert torch.allclose(smoothed(tokens).logits, before, atol=1e-4)
+    replaced = w8a8_model(smoothed, act="token")
+    assert len(replaced) == 14
+    with torch.no_grad():
+        after = smoothed(tokens).logits
+    assert torch.allclose(after, before, atol=0.05)
