@@ -117,18 +117,19 @@ def _hessians(layer, linears: dict, names: list, store) -> dict:
 @torch.no_grad()
 def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block_size: int = 128,
                percdamp: float = 0.01, act_order: bool = False, true_sequential: bool = False,
-               progress: bool = True) -> dict:
+               n_layers: int | None = None, progress: bool = True) -> dict:
     """GPTQ-quantize every Linear of every decoder layer of ``model`` in place (weights replaced by their
     de-quantized values) on calibration ``windows`` [n, seq_len]. Returns {qualified name: QuantizedTensor}.
 
     ``true_sequential=False`` (the reference's default) takes the Hessians of all Linears of a layer from
     one pass over the float layer; ``True`` re-runs the layer after each group, so that o_proj sees the
-    quantized q/k/v, down_proj the quantized gate/up (slower: up to four passes instead of one)."""
+    quantized q/k/v, down_proj the quantized gate/up (slower: up to four passes instead of one).
+    ``n_layers`` stops after the first n decoder layers (the rest stay float; for quick looks)."""
     spec = QuantSpec.parse(spec)
     _, layers = _decoder_layers(model)
     store = first_layer_inputs(model, windows, batch_size)
     results = {}
-    for i, layer in enumerate(tqdm(layers, desc=f"GPTQ {spec}", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers[:n_layers], desc=f"GPTQ {spec}", disable=not progress)):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         groups = LLAMA_SEQUENTIAL if true_sequential and all(n in linears for g in LLAMA_SEQUENTIAL for n in g) \
             else [list(linears)]
@@ -159,14 +160,15 @@ def _inputs(layer, store) -> dict:
 
 @torch.no_grad()
 def awq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, n_grid: int = 20,
-              progress: bool = True) -> dict:
+              n_layers: int | None = None, progress: bool = True) -> dict:
     """AWQ every Linear of every (Llama-style) decoder layer in place: scales folded into the previous ops,
-    weights clipped and replaced by their de-quantized values. Returns {qualified name: QuantizedTensor}."""
+    weights clipped and replaced by their de-quantized values. Returns {qualified name: QuantizedTensor}.
+    ``n_layers`` stops after the first n decoder layers."""
     spec = QuantSpec.parse(spec)
     _, layers = _decoder_layers(model)
     store = first_layer_inputs(model, windows, batch_size)
     results = {}
-    for i, layer in enumerate(tqdm(layers, desc=f"AWQ {spec}", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers[:n_layers], desc=f"AWQ {spec}", disable=not progress)):
         names = {id(m): n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         inputs = _inputs(layer, store)
         done = set()
