@@ -18,5 +18,6 @@ from qlab.algorithms import awq, gptq, llm_int8, rtn, smoothquant  # noqa: F401 
 WEIGHT_ALGORITHMS = {
     "rtn": lambda W, spec, **stats: rtn.rtn(W, spec),
     "gptq": lambda W, spec, H, **opts: gptq.gptq(W, H, spec, **opts),
-    "awq": lambda W, spec, X, **opts: awq.awq(W, X, spec, **opts).qweights[0],
 }
+# AWQ and SmoothQuant are not in this table: their quantized weights belong to a *rescaled* layer and are only
+# correct once their scales are folded into the previous op (see qlab.algorithms.sequential.awq_model).
