@@ -160,9 +160,10 @@ def _front(df, x, y):
 
 
 def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: str = "label",
-                mark: str = "aligned_q4_1", logy: bool = True, title: str = ""):
+                mark: str = "aligned_q4_1", logy: bool | None = None, title: str = ""):
     """Scatter of y against x with the Pareto front (lower-left envelope) drawn as a step line.
-    Rows where ``df[mark]`` is true get hollow markers (results tied to the checkpoint's Q4_1 grid)."""
+    Rows where ``df[mark]`` is true get hollow markers (results tied to the checkpoint's Q4_1 grid).
+    ``logy=None``: a log y axis when the values span more than a factor of 20."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -180,6 +181,9 @@ def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: st
     if mark in df and df[mark].astype(bool).any():
         ax.scatter([], [], facecolors="none", edgecolors="k", s=60, label="groups of 32 = Q4_1 blocks")
     ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title=title)
+    positive = df[y][df[y] > 0]
+    if logy is None:
+        logy = len(positive) == len(df) and positive.max() > 20 * positive.min()
     if logy:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
