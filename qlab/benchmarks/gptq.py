@@ -1,6 +1,7 @@
-"""Benchmark: sequential GPTQ of a whole model, against RTN on the same grid.
+"""Benchmark: sequential GPTQ (and AWQ) of a whole model, against RTN on the same grid.
 
     python -m qlab.benchmarks.gptq --spec int4-g64 --calib 32 --eval 16
+    python -m qlab.benchmarks.gptq --spec int3-g128-asym-minmax --methods rtn,gptq,awq
     python -m qlab.benchmarks.gptq --spec int4-g128-asym-minmax --calib 128      # the timing job of issue 4
 
 Calibration windows come from WikiText-2 calibration articles, evaluation windows from the other
@@ -8,12 +9,13 @@ articles (``qlab.data``), perplexity with ``qlab.eval`` (every position of each 
 one JSON line per model: spec, method, perplexity, and for GPTQ the wall time of the quantization.
 """
 import argparse
+import copy
 import json
 import time
 
 import torch
 
-from qlab.algorithms.sequential import gptq_model
+from qlab.algorithms.sequential import awq_model, gptq_model
 from qlab.apply import quantize_model, weight_only
 from qlab.data import wikitext2_windows
 from qlab.eval import perplexity
@@ -27,6 +29,7 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=16, help="evaluation windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--act-order", action="store_true")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated: float, rtn, gptq, awq")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -38,17 +41,23 @@ def main(argv=None):
     evals = wikitext2_windows(tokenizer, "evaluation", args.seq_len, args.eval, n_calibration=n_articles)
     report = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
 
-    report(method="float", ppl=perplexity(model, evals, progress=False))
-    rtn_model, size = quantize_model(model, weight_only(args.spec))
-    report(method="rtn", spec=args.spec, ppl=perplexity(rtn_model, evals, progress=False))
-    del rtn_model
-
-    t0 = time.perf_counter()
-    gptq_model(model, calib, args.spec, act_order=args.act_order)
-    seconds = time.perf_counter() - t0
-    report(method="gptq", spec=args.spec, act_order=args.act_order, calib_windows=args.calib,
-           seq_len=args.seq_len, seconds=round(seconds, 1), ppl=perplexity(model, evals, progress=False))
-
+    methods = args.methods.split(",")
+    if "float" in methods:
+        report(method="float", ppl=perplexity(model, evals, progress=False))
+    if "rtn" in methods:
+        rtn_model, size = quantize_model(model, weight_only(args.spec))
+        report(method="rtn", spec=args.spec, ppl=perplexity(rtn_model, evals, progress=False))
+        del rtn_model
+    walkers = {"gptq": lambda m: gptq_model(m, calib, args.spec, act_order=args.act_order),
+               "awq": lambda m: awq_model(m, calib, args.spec)}
+    for name in [m for m in methods if m in walkers]:
+        quantized = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        walkers[name](quantized)
+        seconds = time.perf_counter() - t0
+        report(method=name, spec=args.spec, act_order=args.act_order, calib_windows=args.calib,
+               seq_len=args.seq_len, seconds=round(seconds, 1), ppl=perplexity(quantized, evals, progress=False))
+        del quantized
 
 if __name__ == "__main__":
     main()
