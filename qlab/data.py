@@ -7,7 +7,7 @@ Where the text comes from (first match wins):
 3. ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the repository root;
 4. the ``datasets`` library (``wikitext``/``wikitext-2-raw-v1``, test split) when online.
 
-Line endings are normalised (CRLF -> LF). The test file is 62-ish Wikipedia articles, each
+Line endings are normalised (CRLF -> LF). The test file holds 62 Wikipedia articles, each
 starting with a level-1 heading line `` = Title = ``. Calibration text must never overlap
 evaluation text, so :func:`split_documents` draws whole articles (seeded) for calibration and
 keeps the rest, in their original order, for evaluation.

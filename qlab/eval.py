@@ -135,3 +135,28 @@ def evaluate(
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
     """Just the perplexity (see the module docstring for the protocol)."""
     return evaluate(model, windows, batch_size=batch_size, progress=progress)["ppl"]
+
+
+def main(argv=None):
+    """``python -m qlab.eval``: perplexity of a model on WikiText-2 test (the README's reference number)."""
+    import argparse
+    import json
+
+    from qlab.data import wikitext2_windows
+    from qlab.models import EMBEDDED, load_model
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--part", default="all", choices=["all", "evaluation", "calibration"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-windows", type=int, default=None, help="default: every window")
+    p.add_argument("--batch-size", type=int, default=1)
+    args = p.parse_args(argv)
+    model, tokenizer = load_model(args.model)
+    windows = wikitext2_windows(tokenizer, args.part, args.seq_len, args.n_windows)
+    out = evaluate(model, windows, batch_size=args.batch_size)
+    print(json.dumps({"model": args.model, "part": args.part, **out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
