@@ -36,7 +36,9 @@ import math
 
 import torch
 
+from qlab.error import mse as _mse, sqnr_db
 from qlab.formats import get_grid
+from qlab.quant import fake_quant, quantize
 from qlab.scales import fake_quant_groups
 
 DB_PER_BIT = 20 * math.log10(2)  # 6.0206 dB
@@ -84,7 +86,7 @@ def signal(source: str, n: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---- SQNR closed forms ----------------------------------------------------------------------------
-def sqnr_db(source: str, peak_over_step: float) -> float:
+def sqnr_theory_db(source: str, peak_over_step: float) -> float:
     """Equation (1): SQNR of a non-overloading uniform quantizer, from the ratio 2A / Δ."""
     if source not in SOURCE_POWER:
         raise ValueError(f"closed-form SQNR is for {', '.join(SOURCE_POWER)}, not {source!r}")
@@ -93,19 +95,19 @@ def sqnr_db(source: str, peak_over_step: float) -> float:
 
 def sqnr_full_scale_db(bits: int, source: str = "uniform") -> float:
     """The textbook line: 6.02 n (uniform), 6.02 n + 1.76 (sine), for 2^n cells tiling [-A, A]."""
-    return sqnr_db(source, 2**bits)
+    return sqnr_theory_db(source, 2**bits)
 
 
 def sqnr_absmax_db(bits: int, source: str = "uniform") -> float:
     """Equation (1) for qlab's symmetric absmax int grid: 2^n - 1 levels, Δ = 2A / (2^n - 2)."""
     if bits < 2:
         raise ValueError("a symmetric absmax int grid needs at least 2 bits")
-    return sqnr_db(source, 2**bits - 2)
+    return sqnr_theory_db(source, 2**bits - 2)
 
 
 def sqnr_minmax_db(bits: int, source: str = "uniform") -> float:
     """Equation (1) for the asymmetric min-max uint grid: 2^n levels from -A to A, Δ = 2A / (2^n - 1)."""
-    return sqnr_db(source, 2**bits - 1)
+    return sqnr_theory_db(source, 2**bits - 1)
 
 
 def midrise_quantize(x: torch.Tensor, bits: int, peak: float = 1.0) -> torch.Tensor:
@@ -198,13 +200,10 @@ def nearest(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def measured_sqnr(x: torch.Tensor, bits: int) -> dict:
     """Measured SQNR (dB) of the textbook mid-rise quantizer and of the core's absmax (symmetric int)
     and min-max (asymmetric uint) per-tensor quantizers on a full-scale signal x."""
-    from qlab.error import sqnr_db as _sqnr
-    from qlab.quant import fake_quant
-
     xf = x.float()
-    row = {"bits": bits, "midrise": _sqnr(x, midrise_quantize(x, bits)),
-           "minmax": _sqnr(xf, fake_quant(xf, f"int{bits}-tensor-asym-minmax"))}
-    row["absmax"] = _sqnr(xf, fake_quant(xf, f"int{bits}-tensor-sym-absmax")) if bits >= 2 else math.nan
+    row = {"bits": bits, "midrise": sqnr_db(x, midrise_quantize(x, bits)),
+           "minmax": sqnr_db(xf, fake_quant(xf, f"int{bits}-tensor-asym-minmax"))}
+    row["absmax"] = sqnr_db(xf, fake_quant(xf, f"int{bits}-tensor-sym-absmax")) if bits >= 2 else math.nan
     return row
 
 
@@ -220,8 +219,6 @@ def clip_sweep(x: torch.Tensor, bits: int, clips) -> torch.Tensor:
     """MSE of the core's symmetric int quantizer (per tensor) when the range is clipped at each value
     of ``clips`` (scale = clip / qmax). The minimum over a wide log-spaced range of clips is the
     MSE-optimal uniform quantizer, wider than the core's 'mse' rule, which searches clip/max in [0.21, 1]."""
-    from qlab.quant import quantize
-
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
     out = [float(((quantize(xf, f"int{bits}-tensor-sym-absmax", scale=torch.tensor([c / qmax])).dequantize()
@@ -238,8 +235,6 @@ def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: i
       fine linear grid around the best (the MSE-optimal uniform quantizer); the clip value in 'clip_at';
     * 'lloyd':    Lloyd's 2^b-level non-uniform quantizer fitted to x (None above 6 bits: slow to converge).
     """
-    from qlab.quant import quantize
-
     xf = x.float()
     peak = float(xf.abs().max())
     qmax = 2 ** (bits - 1) - 1
@@ -254,7 +249,3 @@ def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: i
     out["best_clip"], out["clip_at"] = float(sweep.min()), float(fine[sweep.argmin()])
     out["lloyd"] = lloyd_1d(x, 2**bits, iters=lloyd_iters)["mse"] if bits <= 6 else None
     return out
-
-
-def _mse(x, x_hat):
-    return float(((x.double() - x_hat.double()) ** 2).mean())
