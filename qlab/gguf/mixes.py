@@ -113,17 +113,27 @@ def fallback(qtype: str, ncols: int) -> str:
     return new if ncols % get_format(new).block_size == 0 else "F16"
 
 
-def choose_types(mix: str, tensors, n_gqa: int = 1, has_imatrix: bool = False) -> list[dict]:
-    """Per-tensor format for a mix, in llama.cpp's order and with its counters.
+def llama_order(name: str) -> tuple[int, str]:
+    """llama.cpp's processing order: by layer number (non-layer tensors first), then by name.
 
-    ``tensors``: (name, shape) pairs in file order, shapes in torch order ([rows, row length]).
+    (Its per-category counters -- "the i-th attn_v" -- follow this order, not the file's, where
+    blk.10 comes right after blk.1.)
+    """
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def choose_types(mix: str, tensors, n_gqa: int = 1, has_imatrix: bool = False) -> list[dict]:
+    """Per-tensor format for a mix, in llama.cpp's order (:func:`llama_order`) and with its counters.
+
+    ``tensors``: (name, shape) pairs, shapes in torch order ([rows, row length]).
     Returns one dict per tensor: name, shape, category, ``wanted`` (after the mix rules),
     ``qtype`` (after the row-length fallback; 'F32' for tensors that are not quantized),
     ``fallback`` (True when the two differ).
     """
     if mix not in DEFAULT_TYPE:
         raise ValueError(f"unknown mix {mix!r}; known: {list(MIXES)}")
-    tensors = [(n, tuple(s)) for n, s in tensors]
+    tensors = sorted(((n, tuple(s)) for n, s in tensors), key=lambda t: llama_order(t[0]))
     names = [n for n, _ in tensors]
     tied = "output.weight" not in names
     n_wv = sum(category(n) == "attn_v" for n in names)

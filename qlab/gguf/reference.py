@@ -150,3 +150,29 @@ def llamacpp_model_quantize(src: str, dst: str, mix: str) -> None:
     res = run_in_peer(_MODEL_QUANTIZE, str(src), str(dst), str(FILE_TYPE[mix]))
     if res["rc"] != 0:
         raise RuntimeError(f"llama_model_quantize returned {res['rc']}")
+
+
+def compare_with_llama_quantize(src: str, mix: str, workdir: str) -> dict:
+    """Quantize ``src`` with ``mix`` in qlab and in llama.cpp; compare the two files tensor by tensor.
+
+    Returns ``dict(n_tensors, same_order, same_types, byte_identical, qlab_path, llamacpp_path)``.
+    """
+    import torch
+
+    from qlab.gguf.files import load_tensors, quantize_gguf
+
+    ours, theirs = os.path.join(workdir, f"qlab-{mix}.gguf"), os.path.join(workdir, f"llamacpp-{mix}.gguf")
+    quantize_gguf(src, ours, mix, progress=False)
+    llamacpp_model_quantize(src, theirs, mix)
+    a, b = load_tensors(ours), load_tensors(theirs)
+    same = 0
+    for name in b:
+        x, y = a.get(name), b[name]
+        if isinstance(y, torch.Tensor):
+            same += isinstance(x, torch.Tensor) and torch.equal(x, y)
+        else:
+            same += x is not None and not isinstance(x, torch.Tensor) and x.qtype == y.qtype \
+                and np.array_equal(x.data, y.data)
+    return dict(n_tensors=len(b), same_order=list(a) == list(b),
+                same_types=all(getattr(a.get(n), "qtype", None) == getattr(b[n], "qtype", None) for n in b),
+                byte_identical=int(same), qlab_path=ours, llamacpp_path=theirs)

@@ -78,15 +78,12 @@ def test_nan_scale_is_refused(small_file, tmp_path):
     assert load_tensors(bad, validate=False)["b.weight"].qtype == "Q4_K"
 
 
-def test_export_loads_in_llamacpp(tmp_path, peer_llama, embedded_path):
-    """Re-quantize the embedded model to a mix with qlab, load it in llama.cpp, check it still talks."""
-    src = embedded_path
-    from qlab.gguf.files import quantize_gguf
-
-    dst = tmp_path / "q8.gguf"
-    quantize_gguf(src, dst, "Q8_0", progress=False)
+def test_model_requantized_like_llama_quantize_and_loadable(tmp_path, peer_llama, embedded_path):
+    """qlab's Q2_K mix of the whole model == llama_model_quantize's, tensor for tensor, byte for byte;
+    and llama.cpp loads qlab's file and scores text with it."""
+    res = peer_llama.compare_with_llama_quantize(embedded_path, "Q2_K", str(tmp_path))
+    assert res["same_order"] and res["same_types"] and res["byte_identical"] == res["n_tensors"] == 272
+    ours = res["qlab_path"]
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
-    ref = peer_llama.llamacpp_perplexity(src, text, n_gen=4)
-    got = peer_llama.llamacpp_perplexity(str(dst), text, n_gen=4)
-    assert got["n_tokens"] == ref["n_tokens"]
-    assert abs(got["nll"] - ref["nll"]) < 0.05            # Q8_0 of a Q4_1 model: nearly the same model
+    got = peer_llama.llamacpp_perplexity(str(ours), text, n_gen=4)
+    assert got["n_tokens"] > 10 and np.isfinite(got["nll"]) and got["ppl"] < 1000
