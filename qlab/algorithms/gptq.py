@@ -224,4 +224,7 @@ def gptq(W, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0
     W = W.weight.data if isinstance(W, torch.nn.Linear) else W
     spec = QuantSpec.parse(spec)
     sweep = gptq_sweep(W, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
-    return quantize(sweep.W_hat.to(W.dtype), spec, scale=sweep.scale, zero_point=sweep.zero_point)
+    # re-quantize the float32 W_hat (a bf16 copy could round to a neighbouring code), keep W's dtype
+    qt = quantize(sweep.W_hat, spec, scale=sweep.scale, zero_point=sweep.zero_point)
+    qt.dtype = W.dtype
+    return qt

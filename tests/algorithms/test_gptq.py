@@ -133,3 +133,14 @@ def test_explicit_order_equals_act_order(weight, gen):
     assert torch.equal(a.W_hat, b.W_hat)
     with pytest.raises(ValueError, match="permutation"):
         gptq_sweep(weight, H, "int4-g64", perm=torch.zeros(576, dtype=torch.long))
+
+
+def test_half_precision_weight_keeps_its_codes(weight, gen):
+    X = torch.randn(600, 576, generator=gen) @ torch.randn(576, 576, generator=gen)
+    H = hessian(X)
+    W = weight.to(torch.bfloat16)
+    sweep = gptq_sweep(W, H, "int8-channel")
+    qt = gptq(W, H, "int8-channel")
+    assert qt.dtype == torch.bfloat16
+    assert torch.equal(qt.dequantize().float(), sweep.W_hat.to(torch.bfloat16).float())
+    assert torch.equal(quantize(sweep.W_hat, "int8-channel", scale=sweep.scale).codes(), qt.codes())
