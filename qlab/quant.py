@@ -252,6 +252,11 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None) -> Quantized
     else:
         scale = cast(torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
         zero_point = None if zero_point is None else torch.as_tensor(zero_point).reshape(-1).float()
+        if zero_point is not None:
+            if not spec.symmetric and not torch.equal(zero_point, zero_point.round()):
+                raise ValueError("zero points are integers on the grid (stored in the grid's bits); got fractions")
+            if spec.symmetric or zero_point.min() < grid.qmin or zero_point.max() > grid.qmax:
+                raise ValueError(f"zero points must lie in [{grid.qmin}, {grid.qmax}] and need an asymmetric spec")
     if not spec.symmetric and zero_point is None:
         raise ValueError("an asymmetric spec needs a zero point")
 
