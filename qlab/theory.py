@@ -218,7 +218,7 @@ def sqnr_sine_midrise_db(bits: int) -> float:
 def clip_sweep(x: torch.Tensor, bits: int, clips) -> torch.Tensor:
     """MSE of the core's symmetric int quantizer (per tensor) when the range is clipped at each value
     of ``clips`` (scale = clip / qmax). The minimum over a wide log-spaced range of clips is the
-    MSE-optimal uniform quantizer, wider than the core's 'mse' rule, which searches clip/max in [0.21, 1]."""
+    MSE-optimal uniform quantizer (the core's 'mse' rule searches clip/max in [0.01, 1])."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
     out = [float(((quantize(xf, f"int{bits}-tensor-sym-absmax", scale=torch.tensor([c / qmax])).dequantize()
@@ -230,7 +230,7 @@ def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: i
     """MSE of four b-bit scalar quantizers on samples x (per tensor):
 
     * 'absmax':   the core's symmetric int grid scaled to max|x| (no clipping);
-    * 'mse_rule': the core's 'mse' rule (clip/max searched in [0.21, 1]); its chosen ratio in 'p_mse_rule';
+    * 'mse_rule': the core's 'mse' rule (clip/max searched in [0.01, 1]); its chosen ratio in 'p_mse_rule';
     * 'best_clip': the least MSE over clip values log-spaced from max|x|/1000 to max|x|, refined on a
       fine linear grid around the best (the MSE-optimal uniform quantizer); the clip value in 'clip_at';
     * 'lloyd':    Lloyd's 2^b-level non-uniform quantizer fitted to x (None above 6 bits: slow to converge).
