@@ -32,7 +32,7 @@ def test_unknown_backend_is_a_value_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_compiled_triton_refused_without_gpu():
-    with pytest.raises(RuntimeError, match="no(ne)? .*present|none is present"):
+    with pytest.raises(RuntimeError, match="none is present"):
         dispatch.resolve("triton")
 
 
