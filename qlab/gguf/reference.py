@@ -12,8 +12,8 @@ Two ways in:
 * :func:`run_in_peer` runs a short script with the peer venv's python (to load a .gguf with
   ``llama_cpp.Llama``, or call ``llama_model_quantize``), for checks that need the whole library.
 
-Set ``QLAB_LLAMACPP_LIB`` (path to libggml-base.so) and/or ``QLAB_LLAMACPP_PYTHON`` to point
-elsewhere; otherwise ``/work/peers/llamacpp`` is searched. Everything returns None / raises
+Set ``QLAB_LLAMACPP_PEER`` (the venv folder), or ``QLAB_LLAMACPP_LIB`` (path to libggml-base.so)
+and ``QLAB_LLAMACPP_PYTHON``, to point elsewhere; the default folder is ``/work/peers/llamacpp``. Everything returns None / raises
 :class:`PeerUnavailable` when the peer is absent, so tests can skip cleanly.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from qlab.gguf.blocks import get_format
 
-DEFAULT_PEER = "/work/peers/llamacpp"
+DEFAULT_PEER = os.environ.get("QLAB_LLAMACPP_PEER", "/work/peers/llamacpp")  # the peer venv folder
 
 
 class PeerUnavailable(RuntimeError):
