@@ -13,7 +13,8 @@ Two ways in:
   ``llama_cpp.Llama``, or call ``llama_model_quantize``), for checks that need the whole library.
 
 Set ``QLAB_LLAMACPP_PEER`` (the venv folder), or ``QLAB_LLAMACPP_LIB`` (path to libggml-base.so)
-and ``QLAB_LLAMACPP_PYTHON``, to point elsewhere; the default folder is ``/work/peers/llamacpp``. Everything returns None / raises
+and ``QLAB_LLAMACPP_PYTHON``, to point elsewhere; the default folder is ``/work/peers/llamacpp``.
+Everything returns None / raises
 :class:`PeerUnavailable` when the peer is absent, so tests can skip cleanly.
 """
 from __future__ import annotations
