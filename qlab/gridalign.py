@@ -26,18 +26,11 @@ Q4_1_BITS_PER_WEIGHT = 4 + 2 * 16 / Q4_1_BLOCK  # 5.0
 
 
 def q4_1_fake_quant(w: torch.Tensor) -> torch.Tensor:
-    """Q4_1 quantize + dequantize along the last dim, in blocks of 32 (bit-exact with gguf-py's
-    ``Q4_1``: codes from the fp32 step, then ``d`` and ``min`` rounded to fp16 for storage)."""
-    if w.shape[-1] % Q4_1_BLOCK:
-        raise ValueError(f"Q4_1 needs the last dim to be a multiple of 32, got {w.shape[-1]}")
-    blocks = w.detach().float().reshape(-1, Q4_1_BLOCK)
-    lo = blocks.amin(1, keepdim=True)
-    hi = blocks.amax(1, keepdim=True)
-    d = (hi - lo) / 15
-    inv_d = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc((blocks - lo) * inv_d + 0.5).clamp(0, 15)
-    d16, lo16 = d.half().float(), lo.half().float()  # stored as fp16
-    return (q * d16 + lo16).reshape(w.shape).to(w.dtype)
+    """Q4_1 quantize + dequantize along the last dim, in blocks of 32, with llama.cpp's own reference
+    rounding and fp16 ``d``/``min`` (byte-exact GGUF blocks from :mod:`qlab.gguf`)."""
+    from qlab import gguf
+
+    return gguf.quantize(w, "Q4_1").dequantize().to(w.dtype)
 
 
 def q4_1_nbytes(numel: int) -> float:
