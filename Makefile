@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env test run lab smoke clean
+.PHONY: env test run lab smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf
 
 env: $(STAMP)
 
@@ -44,3 +44,30 @@ lab: env
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---- measurements for users (long; not part of `make test`) ---------------------------------
+# the reference model's perplexity on all of WikiText-2 test (589 windows of 512, no BOS)
+reference-ppl: env
+	$(BIN)/python -m qlab.eval --part all --seq-len 512
+
+# whole-model RTN / GPTQ / AWQ: perplexity and wall time (128 calibration windows of 512)
+bench-gptq: env
+	$(BIN)/python -m qlab.benchmarks.gptq --spec int4-g128-asym-minmax --methods float,rtn,gptq,awq --calib 128 --eval 16 --threads 1
+
+# Triton kernels against the torch baseline and the roofline (needs a CUDA GPU; exits 0 without one)
+bench-kernels: env
+	$(BIN)/python -m qlab.benchmarks.kernels
+
+# compile every kernel launch for sm_80 / sm_90 with Triton's ptxas (no GPU needed)
+kernels-compile-check: env
+	$(BIN)/python tests/kernels/gpu_compile_check.py --full
+
+# llama.cpp (llama-cpp-python, built from source, ~10 min) in its own venv: the outside reference for
+# qlab.gguf; the tests that need it run when it is there and skip otherwise
+PEERS ?= $(CURDIR)/../peers
+llamacpp-peer:
+	test -x $(PEERS)/llamacpp/bin/python || $(PYTHON) -m venv $(PEERS)/llamacpp
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llamacpp/bin/pip install llama-cpp-python==0.3.36
+
+check-gguf: env
+	QLAB_LLAMACPP_PEER=$(PEERS)/llamacpp $(BIN)/python -m qlab.gguf.check

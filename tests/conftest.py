@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton decides at import time whether it runs without a GPU: set its interpreter on before any test
+# module (or transformers, which may import triton) gets the chance to import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 ``llama-cpp-python`` builds llama.cpp from source into its own venv (``make llamacpp-peer``)::
 
-    python -m venv /work/peers/llamacpp
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" /work/peers/llamacpp/bin/pip install llama-cpp-python==0.3.36
+    python -m venv ../peers/llamacpp          # beside the repository
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" ../peers/llamacpp/bin/pip install llama-cpp-python==0.3.36
 
 Two ways in:
 
@@ -13,7 +13,7 @@ Two ways in:
   ``llama_cpp.Llama``, or call ``llama_model_quantize``), for checks that need the whole library.
 
 Set ``QLAB_LLAMACPP_PEER`` (the venv folder), or ``QLAB_LLAMACPP_LIB`` (path to libggml-base.so)
-and ``QLAB_LLAMACPP_PYTHON``, to point elsewhere; the default folder is ``/work/peers/llamacpp``.
+and ``QLAB_LLAMACPP_PYTHON``, to point elsewhere; the default folder is ``peers/llamacpp`` beside the repository.
 Everything returns None / raises
 :class:`PeerUnavailable` when the peer is absent, so tests can skip cleanly.
 """
@@ -25,12 +25,14 @@ import json
 import os
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from qlab.gguf.blocks import get_format
 
-DEFAULT_PEER = os.environ.get("QLAB_LLAMACPP_PEER", "/work/peers/llamacpp")  # the peer venv folder
+_BESIDE_REPO = Path(__file__).resolve().parents[2].parent / "peers" / "llamacpp"
+DEFAULT_PEER = os.environ.get("QLAB_LLAMACPP_PEER", str(_BESIDE_REPO))  # the peer venv folder
 
 
 class PeerUnavailable(RuntimeError):

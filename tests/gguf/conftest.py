@@ -51,7 +51,7 @@ def real_weights():
 @pytest.fixture(scope="session")
 def peer():
     if not reference.available():
-        pytest.skip("llama.cpp peer absent (set QLAB_LLAMACPP_LIB or build /work/peers/llamacpp)")
+        pytest.skip("llama.cpp peer absent (set QLAB_LLAMACPP_LIB or run make llamacpp-peer)")
     return reference
 
 
@@ -59,5 +59,5 @@ def peer():
 def peer_llama():
     """The whole llama-cpp-python peer (its venv's python can import llama_cpp)."""
     if reference.peer_python() is None:
-        pytest.skip("llama-cpp-python peer venv absent (QLAB_LLAMACPP_PYTHON or /work/peers/llamacpp)")
+        pytest.skip("llama-cpp-python peer venv absent (QLAB_LLAMACPP_PYTHON or make llamacpp-peer)")
     return reference
