@@ -5,7 +5,7 @@ Where the text comes from (first match wins):
 1. an explicit ``path`` argument;
 2. the ``QLAB_DATA`` environment variable (a path to ``wiki.test.raw``);
 3. ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the repository root;
-4. the ``datasets`` library (``wikitext``/``wikitext-2-raw-v1``, test split) when online.
+4. the ``datasets`` library (``Salesforce/wikitext``, ``wikitext-2-raw-v1``, test split) when online.
 
 Line endings are normalised (CRLF -> LF). The test file holds 62 Wikipedia articles, each
 starting with a level-1 heading line `` = Title = ``. Calibration text must never overlap
@@ -54,7 +54,7 @@ def load_wikitext2(path: str | os.PathLike | None = None) -> str:
     else:  # online fallback
         from datasets import load_dataset
 
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]  # one row per line
         text = "".join(rows)
     return text.replace("\r\n", "\n")
 
