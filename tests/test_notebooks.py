@@ -22,6 +22,7 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch):
     papermill.execute_notebook(
         str(path), str(out_dir / path.name), parameters={"SMOKE": True},
         kernel_name="qlab", cwd=str(path.parent), progress_bar=False,
+        execution_timeout=900,  # seconds per cell: a stalled kernel fails the test instead of hanging CI
     )
     written = list(figures.glob(prefix + "*"))
     assert written, f"{path.name} saved no figure named {prefix}* under $QLAB_FIGURES"
