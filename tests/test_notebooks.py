@@ -1,17 +1,29 @@
 """Every numbered notebook runs end to end under papermill in smoke mode and writes its figures."""
-import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CELL_TIMEOUT = 300  # seconds; every smoke cell takes well under a minute here
+
+
+def _run(path, out_dir):
+    import papermill
+
+    papermill.execute_notebook(
+        str(path), str(out_dir / path.name), parameters={"SMOKE": True},
+        kernel_name="qlab", cwd=str(path.parent), progress_bar=False,
+        execution_timeout=CELL_TIMEOUT,  # a stalled kernel fails the attempt instead of hanging CI
+    )
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(path, monkeypatch):
-    papermill = pytest.importorskip("papermill")
+    pytest.importorskip("papermill")
+    from nbclient.exceptions import CellTimeoutError
+
     out_dir = ROOT / "runs" / "smoke"
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -19,10 +31,14 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch):
     for old in figures.glob(prefix + "*"):
         old.unlink()
     monkeypatch.setenv("QLAB_FIGURES", str(figures))
-    papermill.execute_notebook(
-        str(path), str(out_dir / path.name), parameters={"SMOKE": True},
-        kernel_name="qlab", cwd=str(path.parent), progress_bar=False,
-        execution_timeout=900,  # seconds per cell: a stalled kernel fails the test instead of hanging CI
-    )
+    # the kernel decides about Triton's interpreter itself (qlab.kernels.dispatch); the test session's
+    # TRITON_INTERPRET=1 is not passed on
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        _run(path, out_dir)
+    except CellTimeoutError:
+        # Jupyter kernels here occasionally go idle without answering an execute request
+        # (ipython/ipykernel#1554); a stalled run is retried once, a failing cell is not
+        _run(path, out_dir)
     written = list(figures.glob(prefix + "*"))
     assert written, f"{path.name} saved no figure named {prefix}* under $QLAB_FIGURES"
