@@ -239,13 +239,11 @@ def _cast_scale(dtype):
     return cast
 
 
-def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None) -> QuantizedTensor:
-    """Quantize ``x`` with ``spec`` (a QuantSpec or its string). Pass ``scale``/``zero_point`` (one per
-    group) to reuse existing quantization parameters instead of choosing new ones."""
-    spec = QuantSpec.parse(spec)
-    validate(x)
-    grid, gran = spec.grid, spec.granularity
-    G, mask = gran.to_groups(x.detach().float())
+def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None):
+    """Scale and zero point per group (chosen by the spec's rule, or the given ones checked), as used for
+    rounding, plus the scale as stored (a tensor, or a QuantizedTensor under double quantization) and
+    its offset."""
+    grid = spec.grid
     cast = _cast_scale(SCALE_DTYPES[spec.scale_dtype])
     if scale is None:
         scale, zero_point = _scales.choose_qparams(G, mask, grid, spec.rule, spec.symmetric, cast)
@@ -265,7 +263,17 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None) -> Quantized
         scale_offset = scale.mean().item()
         stored_scale = quantize(scale - scale_offset, DOUBLE_QUANT_SPEC)
         scale = stored_scale.dequantize() + scale_offset
+    return scale, zero_point, stored_scale, scale_offset
 
+
+def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None) -> QuantizedTensor:
+    """Quantize ``x`` with ``spec`` (a QuantSpec or its string). Pass ``scale``/``zero_point`` (one per
+    group) to reuse existing quantization parameters instead of choosing new ones."""
+    spec = QuantSpec.parse(spec)
+    validate(x)
+    grid, gran = spec.grid, spec.granularity
+    G, mask = gran.to_groups(x.detach().float())
+    scale, zero_point, stored_scale, scale_offset = _qparams(G, mask, spec, scale, zero_point)
     Q = _scales.quantize_groups(G, scale, zero_point, grid)
     codes = gran.from_groups(grid.encode(Q), x.shape)
     scale_shape = gran.scale_shape(tuple(x.shape))
@@ -287,8 +295,17 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 
 
 def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
-    """dequantize(quantize(x)): the values a quantized model computes with, in x's dtype."""
-    return quantize(x, spec).dequantize()
+    """dequantize(quantize(x)): the values a quantized model computes with, in x's dtype.
+
+    The same numbers as ``quantize(x, spec).dequantize()``, without encoding and packing the codes (the
+    inner loop of the searches in AWQ and the scale rules calls this many times per layer)."""
+    spec = QuantSpec.parse(spec)
+    validate(x)
+    gran = spec.granularity
+    G, mask = gran.to_groups(x.detach().float())
+    scale, zero_point, _, _ = _qparams(G, mask, spec)
+    x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid)
+    return gran.from_groups(x_hat, tuple(x.shape)).to(x.dtype)
 
 
 def worked_example(x: torch.Tensor, spec) -> "pandas.DataFrame":

@@ -191,3 +191,17 @@ def test_fractional_or_out_of_range_zero_points_are_rejected():
         quantize(x, "int2-tensor-asym-minmax", scale=[0.5], zero_point=[1.5])
     with pytest.raises(ValueError, match="must lie in"):
         quantize(x, "int2-tensor-asym-minmax", scale=[0.5], zero_point=[7])
+
+
+@pytest.mark.parametrize("text", ["int8", "int4-g64", "int4-g128-asym-minmax", "int3-g32-asym-mse", "int2-channel-sym-mse",
+                                  "nf4", "nf4-b64-dq", "fp8_e4m3", "fp8_e5m2-channel", "fp4_e2m1", "ternary", "dynamic8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_equals_dequantize_of_quantize(text, dtype, gen):
+    """The no-packing shortcut gives bit for bit what quantize -> pack -> unpack -> dequantize gives
+    (shape 40 x 200: groups of 64 and 128 leave a ragged last group)."""
+    x = (torch.randn(40, 200, generator=gen) * torch.rand(40, 1, generator=gen) * 3).to(dtype)
+    x[3, 5] = 40.0  # an outlier
+    expected = quantize(x, text).dequantize()
+    got = fake_quant(x, text)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
