@@ -88,3 +88,56 @@ def test_rtn_grid_is_the_issue_grid():
     specs = [c["recipe"]["model.layers.*"] for c in grid]
     assert "int3-g64-asym-minmax" in specs and "int8-channel-sym-absmax" in specs
     assert specs[-2:] == ["nf4-b64-sym-absmax", "fp8_e4m3-channel-sym-absmax"]
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import test_sweep as t
+from qlab import sweep
+real = sweep.run_one
+def run_one(config, session):
+    if config["label"] == "int4 g32":  # the second config never finishes: the parent kills us here
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    return real(config, session)
+sweep.run_one = run_one
+sweep.run_sweep(t._configs(), t.PROTOCOL, {results!r}, progress=False, load=t._load)
+"""
+
+
+def test_killed_sweep_process_loses_nothing_finished(tmp_path, monkeypatch):
+    """A sweep in another process is SIGKILLed while working on its second configuration; a re-run
+    computes only the second and third."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    results, marker = tmp_path / "results", tmp_path / "working-on-second"
+    code = CHILD.format(tests=str(Path(__file__).parent), marker=str(marker), results=str(results))
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, "the sweep process died before reaching its second configuration"
+            assert time.monotonic() < deadline, "the sweep process never reached its second configuration"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    first = results / f"{sweep.config_key(_configs()[0], PROTOCOL)}.json"
+    assert sorted(p.name for p in results.iterdir()) == [first.name]
+    stamp = first.stat().st_mtime_ns
+
+    calls = []
+    real_run_one = sweep.run_one
+    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
+    df = sweep.run_sweep(_configs(), PROTOCOL, results, progress=False, load=_load)
+    assert calls == ["int4 g32", "int2"]
+    assert first.stat().st_mtime_ns == stamp
+    assert list(df.label) == ["int8", "int4 g32", "int2"]
