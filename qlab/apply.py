@@ -176,10 +176,14 @@ def quantize_model(
         else:
             _set_module(model, name, QuantLinear(qt, layer.bias))
         rows.append((name, str(spec), n, float(qt.nbytes)))
+    return model, _report(model, rows, float_bits)
+
+
+def _report(model: nn.Module, rows: list, float_bits: int) -> SizeReport:
     # everything else (embeddings unless tied to a float lm_head, norms, biases), counted once
     counted = {id(m.weight) for m in linear_layers(model).values()}
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
-    report = SizeReport(
+    return SizeReport(
         layers=pd.DataFrame(rows, columns=["name", "spec", "n_weights", "bytes"]).assign(
             bits_per_weight=lambda d: 8 * d.bytes / d.n_weights
         ),
@@ -187,4 +191,19 @@ def quantize_model(
         other_bytes=other * float_bits / 8,
         float_bits=float_bits,
     )
-    return model, report
+
+
+def size_report(model: nn.Module, quantized: dict, float_bits: int = 16) -> SizeReport:
+    """The SizeReport of ``model`` (the float model, for its layer names) with the layers in ``quantized``
+    ({linear name: QuantizedTensor}, as GPTQ, AWQ and the W8A8 builders return) stored as those tensors
+    and every other linear in float."""
+    layers = linear_layers(model)
+    unknown = set(quantized) - set(layers)
+    if unknown:
+        raise ValueError(f"not linear layers of the model: {sorted(unknown)[:3]}")
+    rows = []
+    for name, layer in layers.items():
+        qt = quantized.get(name)
+        n = layer.weight.numel()
+        rows.append((name, "float", n, n * float_bits / 8) if qt is None else (name, str(qt.spec), n, float(qt.nbytes)))
+    return _report(model, rows, float_bits)

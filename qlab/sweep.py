@@ -7,12 +7,18 @@ A configuration is a plain dict::
      "recipe": {"model.layers.*": "int4-g128-asym-minmax"},
      "mode": "fake"}                                  # optional, "fake" (default) or "packed"
 
+or, for a calibrated method (see :data:`METHODS`: GPTQ, AWQ, W8A8 with or without SmoothQuant)::
+
+    {"label": "GPTQ int4 g128", "method": "gptq", "spec": "int4-g128-asym-minmax",
+     "calib_windows": 32, "options": {"act_order": False}}  # options go to the method
+
+whose calibration windows come from the protocol's calibration articles (never the evaluated ones),
 and an evaluation protocol (:class:`EvalProtocol`) says which windows are scored. Each finished
 configuration is written at once to ``<results_dir>/<key>.json``, where ``key`` is a hash of the
 configuration (label excluded) and the protocol; a re-run reads those files and skips them, so
 killing a sweep loses only the configuration it was working on.
 
-Columns of the table: label, model, recipe, mode, key, ppl, ppl_ref, delta_ppl_pct, kl_mean,
+Columns of the table: label, model, method, recipe, mode, calib_windows, key, ppl, ppl_ref, delta_ppl_pct, kl_mean,
 kl_median, kl_p99, top1, quantized_bpw, linear_bpw, size_mb, quant_seconds, eval_seconds,
 s_per_window, aligned_q4_1 (True when a spec groups weights in 32s, i.e. exactly the embedded
 checkpoint's Q4_1 blocks, see :mod:`qlab.gridalign`), protocol.
@@ -85,6 +91,16 @@ class _Session:
             self.models[name] = self.load(name)
         return self.models[name]
 
+    def calibration(self, name, n_windows):
+        from qlab.data import wikitext2_windows
+
+        key = (name, n_windows)
+        if key not in self.refs:
+            _, tokenizer = self.model(name)
+            p = self.protocol
+            self.refs[key] = wikitext2_windows(tokenizer, "calibration", p.seq_len, n_windows, "spread", p.n_calibration, p.seed)
+        return self.refs[key]
+
     def reference(self, name):
         from qlab.data import wikitext2_windows
         from qlab.eval import reference_logprobs
@@ -103,6 +119,63 @@ def _default_load(name):
     return load_model(name)
 
 
+# ---- calibrated methods: (model copy, calibration windows, spec, **options) -> {linear name: QuantizedTensor}
+def _gptq(model, calib, spec, **options):
+    from qlab.algorithms.sequential import gptq_model
+
+    return gptq_model(model, calib, spec, progress=False, **options)
+
+
+def _awq(model, calib, spec, **options):
+    from qlab.algorithms.sequential import awq_model
+
+    return awq_model(model, calib, spec, progress=False, **options)
+
+
+def _w8a8(model, calib, spec, act="token", alpha=None):
+    """int8 weights per output channel and int8 activations (``act``: token, tensor or static);
+    ``alpha`` set: SmoothQuant scales with that migration strength folded into the RMSNorms first."""
+    from qlab.algorithms.smoothquant import smooth_model, w8a8_model
+    from qlab.calib import input_stats
+
+    if spec != "int8-channel-sym-absmax":
+        raise ValueError(f"the w8a8 method quantizes weights as int8-channel-sym-absmax, got spec {spec!r}")
+    stats = None
+    if alpha is not None or act == "static":
+        stats = input_stats(model, calib, pattern="model.layers.*", percentiles=(), progress=False)
+    if alpha is not None:
+        smooth_model(model, {n: st.max_abs for n, st in stats.items()}, alpha=alpha)
+        stats = input_stats(model, calib, pattern="model.layers.*", percentiles=(), progress=False) if act == "static" else None
+    act_max = None if stats is None else {n: st.max_abs for n, st in stats.items()}
+    replaced = w8a8_model(model, act=act, act_max=act_max, pattern="model.layers.")
+    return {name: layer.qweight for name, layer in replaced.items()}
+
+
+METHODS = {"gptq": _gptq, "awq": _awq, "w8a8": _w8a8}
+
+
+def _quantize(config: dict, model, session):
+    """(quantized model, SizeReport, the recipe it amounts to) for one configuration."""
+    import copy
+
+    from qlab.apply import size_report, weight_only
+
+    method = config.get("method", "rtn")
+    if method == "rtn":
+        if "recipe" not in config:
+            raise ValueError(f"an RTN configuration needs a 'recipe', got keys {sorted(config)}")
+        qmodel, size = quantize_model(model, config["recipe"], mode=config.get("mode", "fake"))
+        return qmodel, size, config["recipe"]
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: rtn, {', '.join(METHODS)}")
+    if "spec" not in config or config.get("mode", "fake") != "fake":
+        raise ValueError(f"method {method!r} needs a 'spec' and works in fake-quant mode")
+    calib = session.calibration(config.get("model", EMBEDDED), config.get("calib_windows", 32))
+    qmodel = copy.deepcopy(model)
+    quantized = METHODS[method](qmodel, calib, config["spec"], **config.get("options", {}))
+    return qmodel, size_report(model, quantized), weight_only(config["spec"])
+
+
 def run_one(config: dict, session: _Session) -> dict:
     from qlab.eval import evaluate
 
@@ -110,21 +183,23 @@ def run_one(config: dict, session: _Session) -> dict:
     model, _ = session.model(name)
     ref = session.reference(name)
     t0 = time.perf_counter()
-    qmodel, size = quantize_model(model, config["recipe"], mode=config.get("mode", "fake"))
+    qmodel, size, recipe = _quantize(config, model, session)
     quant_seconds = time.perf_counter() - t0
     metrics = evaluate(qmodel, ref.windows, ref, session.batch_size, progress=session.progress)
     del qmodel
     return {
         "label": config.get("label", ""),
         "model": name,
-        "recipe": {k: (None if v is None else str(v)) for k, v in config["recipe"].items()},
+        "method": config.get("method", "rtn"),
+        "recipe": {k: (None if v is None else str(v)) for k, v in recipe.items()},
         "mode": config.get("mode", "fake"),
+        "calib_windows": config.get("calib_windows", 32) if config.get("method", "rtn") != "rtn" else 0,
         **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1")},
         **size.summary(),
         "quant_seconds": quant_seconds,
         "eval_seconds": metrics["seconds"],
         "s_per_window": metrics["s_per_window"],
-        "aligned_q4_1": aligned_q4_1(config["recipe"]),
+        "aligned_q4_1": aligned_q4_1(recipe),
         "protocol": session.protocol.describe(),
     }
 

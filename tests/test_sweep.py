@@ -141,3 +141,43 @@ def test_killed_sweep_process_loses_nothing_finished(tmp_path, monkeypatch):
     assert calls == ["int4 g32", "int2"]
     assert first.stat().st_mtime_ns == stamp
     assert list(df.label) == ["int8", "int4 g32", "int2"]
+
+
+def _calibrated_configs():
+    spec = "int4-g32-asym-minmax"
+    return [
+        {"label": "RTN", "model": "tiny", "recipe": weight_only(spec)},
+        {"label": "GPTQ", "model": "tiny", "method": "gptq", "spec": spec, "calib_windows": 4},
+        {"label": "W8A8", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax", "calib_windows": 4},
+        {"label": "SmoothQuant", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax",
+         "calib_windows": 4, "options": {"alpha": 0.5}},
+    ]
+
+
+def test_calibrated_methods_in_a_sweep(tmp_path):
+    """GPTQ and W8A8 rows sit in the same table as RTN: same windows, same size accounting."""
+    df = sweep.run_sweep(_calibrated_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
+    assert df.method.tolist() == ["rtn", "gptq", "w8a8", "w8a8"]
+    assert df.calib_windows.tolist() == [0, 4, 4, 4]
+    assert df.quantized_bpw[0] == df.quantized_bpw[1]  # GPTQ stores the same grid as RTN
+    assert df.quantized_bpw[2] == df.quantized_bpw[3] > 8  # int8 codes + an fp16 scale per row
+    assert df.kl_mean[1] < df.kl_mean[0]  # GPTQ closer to the float model than RTN on the same grid
+    assert df.top1.between(0, 1).all()
+    # the calibration windows come from the calibration articles, which the evaluation never sees
+    model, tokenizer = _load("tiny")
+    session = sweep._Session(PROTOCOL, 1, _load, False)
+    calib = session.calibration("tiny", 4)
+    evals = session.reference("tiny").windows
+    assert calib.shape == (4, PROTOCOL.seq_len)
+    assert not {tuple(w) for w in calib.tolist()} & {tuple(w) for w in evals.tolist()}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"method": "zeroshot", "spec": "int4"}, "unknown method"),
+    ({"method": "gptq"}, "needs a 'spec'"),
+    ({"method": "rtn"}, "needs a 'recipe'"),
+    ({"method": "w8a8", "spec": "int4"}, "int8-channel-sym-absmax"),
+])
+def test_bad_method_configs(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep([{"model": "tiny", **config}], PROTOCOL, tmp_path, progress=False, load=_load)
