@@ -266,6 +266,16 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None):
     return scale, zero_point, stored_scale, scale_offset
 
 
+def qparams(x: torch.Tensor, spec) -> tuple:
+    """The scale and zero point (None if symmetric) per group that ``quantize(x, spec)`` rounds with,
+    flat, as float32: ``quantize(x, spec).scales().reshape(-1)`` without quantizing anything."""
+    spec = QuantSpec.parse(spec)
+    validate(x)
+    G, mask = spec.granularity.to_groups(x.detach().float())
+    scale, zero_point, _, _ = _qparams(G, mask, spec)
+    return scale, zero_point
+
+
 def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None) -> QuantizedTensor:
     """Quantize ``x`` with ``spec`` (a QuantSpec or its string). Pass ``scale``/``zero_point`` (one per
     group) to reuse existing quantization parameters instead of choosing new ones."""

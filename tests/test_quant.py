@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qlab.quant import QuantSpec, QuantizedTensor, fake_quant, quantize
+from qlab.quant import QuantSpec, QuantizedTensor, fake_quant, qparams, quantize
 from qlab.granularity import PerGroup
 
 SPECS = [
@@ -205,3 +205,13 @@ def test_fake_quant_equals_dequantize_of_quantize(text, dtype, gen):
     got = fake_quant(x, text)
     assert got.dtype == dtype
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_qparams_are_the_scales_quantize_stores(text, weight):
+    qt = quantize(weight, text)
+    scale, zero_point = qparams(weight, text)
+    assert torch.equal(scale, qt.scales().reshape(-1))
+    assert (zero_point is None) == (qt.zero_point is None)
+    if zero_point is not None:
+        assert torch.equal(zero_point, qt.zero_point.reshape(-1).float())

@@ -31,7 +31,7 @@ import math
 import torch
 
 from qlab.granularity import PerBlock, PerChannel, PerGroup, PerTensor
-from qlab.quant import QuantSpec, QuantizedTensor, quantize, validate
+from qlab.quant import QuantSpec, QuantizedTensor, qparams, quantize, validate
 from qlab.scales import fake_quant_groups
 
 
@@ -104,10 +104,9 @@ def _qparams(Wg: torch.Tensor, spec: QuantSpec):
     """Scale and zero point per row of a slice of columns, chosen with the spec's own rule (and its
     scale storage dtype, so that the sweep rounds with exactly the scales that will be stored)."""
     gran = PerTensor() if isinstance(spec.granularity, PerTensor) else PerChannel(0)
-    qt = quantize(Wg, replace(spec, granularity=gran))
-    scale = qt.scales().reshape(-1).expand(Wg.shape[0]).clone()
-    zp = None if qt.zero_point is None else qt.zero_point.reshape(-1).float().expand(Wg.shape[0]).clone()
-    return scale, zp
+    scale, zp = qparams(Wg, replace(spec, granularity=gran))
+    scale = scale.expand(Wg.shape[0]).clone()
+    return scale, None if zp is None else zp.expand(Wg.shape[0]).clone()
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
