@@ -227,3 +227,33 @@ def gptq(W, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0
     qt = quantize(sweep.W_hat, spec, scale=sweep.scale, zero_point=sweep.zero_point)
     qt.dtype = W.dtype
     return qt
+
+
+def gptq_shared(weights: list, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0.01,
+                act_order: bool = False) -> list:
+    """GPTQ for several Linears that read the same input (q/k/v, gate/up) and so share one H.
+
+    Every row of a weight is its own least-squares problem with the same H (insight 1 above), so the rows
+    of all the weights can be stacked and swept together: one Cholesky factor and one column loop instead of
+    one per Linear, and the same codes, scales and zero points as quantizing each Linear on its own.
+    Returns one QuantizedTensor per weight, in order.
+    """
+    weights = [w.weight.data if isinstance(w, torch.nn.Linear) else w for w in weights]
+    if not weights or any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
+        raise ValueError(f"weights sharing an input must be 2-d with the same input width, got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    spec = QuantSpec.parse(spec)
+    if isinstance(spec.granularity, PerTensor) and len(weights) > 1:
+        raise ValueError("a per-tensor scale is one per weight: stacking weights would share it; quantize them one by one")
+    stacked = torch.cat([w.detach().to(torch.promote_types(w.dtype, torch.float32)) for w in weights])
+    sweep = gptq_sweep(stacked, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        per_row = lambda t: t.reshape(stacked.shape[0], -1)[rows]  # noqa: E731  (groups and blocks never straddle rows)
+        zp = None if sweep.zero_point is None else per_row(sweep.zero_point)
+        qt = quantize(sweep.W_hat[rows], spec, scale=per_row(sweep.scale), zero_point=zp)
+        qt.dtype = w.dtype
+        out.append(qt)
+        start += w.shape[0]
+    return out

@@ -7,7 +7,8 @@ calibration windows through the model layer by layer instead:
 1. capture the inputs of decoder layer 0 (the embeddings) and its keyword arguments (mask, rotary
    position embeddings) with a pre-hook that stops the forward pass;
 2. for each layer, accumulate H = 2/n X^T X of every Linear from the current inputs with hooks,
-   GPTQ-quantize them and put the quantized weights in place (with ``true_sequential``, group by
+   GPTQ-quantize them (Linears that read one input, q/k/v and gate/up, in one sweep over their stacked
+   rows, ``gptq_shared``) and put the quantized weights in place (with ``true_sequential``, group by
    group in forward order: q/k/v, then o, then gate/up, then down, each group's inputs computed
    with the groups before it already quantized);
 3. run the fully quantized layer on the inputs to get the next layer's inputs.
@@ -24,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlab.algorithms.awq import apply_clip, awq, group_size
-from qlab.algorithms.gptq import HessianAccumulator, gptq
+from qlab.algorithms.gptq import HessianAccumulator, gptq, gptq_shared
+from qlab.granularity import PerTensor
 from qlab.quant import QuantSpec, quantize
 from qlab.transforms import llama_scaling_groups
 
@@ -81,9 +83,10 @@ def _run(layer, store):
 
 
 @torch.no_grad()
-def _hessians(layer, linears: dict, names: list, store) -> dict:
-    """H of each Linear in ``names`` on the layer's current inputs. Linears that read the same tensor
-    (q/k/v, gate/up) share one accumulator; each pass stops after the last Linear of the group."""
+def _hessians(layer, linears: dict, names: list, store) -> list:
+    """[(names, H)]: H of the Linears in ``names`` on the layer's current inputs, one per input they read.
+    Linears that read the same tensor (q/k/v, gate/up) share one accumulator; each pass stops after the
+    last Linear of the group."""
     accs, seen = {}, []  # seen: (input tensor, its accumulator) of this pass
 
     def hook(name):
@@ -111,7 +114,14 @@ def _hessians(layer, linears: dict, names: list, store) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {n: accs[n].H for n in names}
+    shared = {}
+    for n in names:
+        shared.setdefault(id(accs[n]), (accs[n], []))[1].append(n)
+    return [(group, acc.H) for acc, group in shared.values()]
+
+
+def _one_by_one(weights, H, spec, **kw):
+    return [gptq(w, H, spec, **kw) for w in weights]
 
 
 @torch.no_grad()
@@ -134,11 +144,13 @@ def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block
         groups = LLAMA_SEQUENTIAL if true_sequential and all(n in linears for g in LLAMA_SEQUENTIAL for n in g) \
             else [list(linears)]
         for names in groups:
-            for name, H in _hessians(layer, linears, names, store).items():
-                weight = linears[name].weight
-                qt = gptq(weight.data, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
-                weight.data = qt.dequantize().to(weight.dtype)
-                results[f"model.layers.{i}.{name}"] = qt
+            for shared, H in _hessians(layer, linears, names, store):
+                weights = [linears[n].weight for n in shared]
+                sweep = gptq_shared if len(weights) > 1 and not isinstance(spec.granularity, PerTensor) else _one_by_one
+                qts = sweep([w.data for w in weights], H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                for name, weight, qt in zip(shared, weights, qts):
+                    weight.data = qt.dequantize().to(weight.dtype)
+                    results[f"model.layers.{i}.{name}"] = qt
         store = _run(layer, store)
     return results
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlab.algorithms.gptq import HessianAccumulator, gptq, gptq_sweep, hessian
+from qlab.algorithms.gptq import HessianAccumulator, gptq, gptq_shared, gptq_sweep, hessian
 from qlab.algorithms.rtn import rtn
 from qlab.quant import QuantSpec, quantize
 
@@ -144,3 +144,29 @@ def test_half_precision_weight_keeps_its_codes(weight, gen):
     assert qt.dtype == torch.bfloat16
     assert torch.equal(qt.dequantize().float(), sweep.W_hat.to(torch.bfloat16).float())
     assert torch.equal(quantize(sweep.W_hat, "int8-channel", scale=sweep.scale).codes(), qt.codes())
+
+
+@pytest.mark.parametrize("spec", ["int4-g32-asym-minmax", "int3-channel-sym-absmax", "nf4-b32", "int4-g48-sym-mse"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_sharing_an_input_can_be_swept_together(spec, act_order):
+    """Stacking q/k/v-like weights into one sweep gives each exactly the codes and scales of its own sweep
+    (float64, so no BLAS blocking can flip a rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 96, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 96, dtype=torch.float64)
+    H = hessian(X).double()
+    weights = [torch.randn(rows, 96, generator=gen, dtype=torch.float64) for rows in (40, 24, 24)]
+    together = gptq_shared(weights, H, spec, act_order=act_order, block_size=32)
+    for W, qt in zip(weights, together):
+        alone = gptq(W, H, spec, act_order=act_order, block_size=32)
+        assert qt.shape == alone.shape and qt.dtype == torch.float64
+        assert torch.equal(qt.codes(), alone.codes())
+        assert torch.equal(qt.scales(), alone.scales())
+        assert (qt.zero_point is None and alone.zero_point is None) or torch.equal(qt.zero_point, alone.zero_point)
+
+
+def test_shared_sweep_rejects_mismatched_or_per_tensor_weights():
+    H = torch.eye(8)
+    with pytest.raises(ValueError, match="same input width"):
+        gptq_shared([torch.randn(4, 8), torch.randn(4, 6)], H, "int4-channel")
+    with pytest.raises(ValueError, match="per-tensor"):
+        gptq_shared([torch.randn(4, 8), torch.randn(4, 8)], H, "int4-tensor")
