@@ -168,6 +168,7 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, percdamp)
 
+    order = perm.tolist()
     Q = torch.zeros_like(W)
     Err = torch.zeros_like(W)
     Losses = torch.zeros_like(W)
@@ -187,18 +188,17 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
                 scale[:, col // group] = s
                 if zp is not None:
                     zero_point[:, col // group] = zp
-            g = int(perm[col]) // group
+            g = order[col] // group
             s = scale[:, g]
             zp = None if zero_point is None else zero_point[:, g]
-            w = W1[:, i].clone()
+            w = W1[:, i]
             q = fake_quant_groups(w[:, None], s, zp, grid)[:, 0]  # grid.round(w / s + zp), back to values
-            d = Hinv1[i, i]
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # eq. 3, within the block
+            err = (w - q) / Hinv1[i, i]
             Q[:, col] = q
             Err1[:, i] = err
-            Losses[:, col] = (w - q) ** 2 / d**2 / 2
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # eq. 3 within the block: W -= err * Hinv[i, i:]
         Err[:, i1:i2] = Err1
+        Losses[:, i1:i2] = Err1**2 / 2  # (w - q)^2 / (2 [Hinv]_ii^2)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of everything after the block
 
     inv = torch.argsort(perm)
