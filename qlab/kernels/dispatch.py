@@ -125,3 +125,11 @@ def kernel(default: dict, autotune: list | None = None, key: tuple = ()):
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """An activation x [..., K] as the contiguous [M, K] matrix a matmul kernel reads (M = all leading dims),
+    with a clear error when its last dimension is not the weight's K."""
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be the weight's K = {k}")
+    return x.reshape(-1, k).contiguous()

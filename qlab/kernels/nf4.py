@@ -155,13 +155,13 @@ def nf4_dequantize(weight: NF4Weight, dtype=torch.float32, backend: str | None =
 
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, backend: str | None = None) -> torch.Tensor:
     """y = x @ W.T for an NF4 weight [N, K], dequantizing inside the K loop; x [..., K] (few rows)."""
-    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x [..., {x.shape[-1]}] does not match the weight's shape {weight.shape}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"nf4_gemv needs a 2-d weight [N, K], got shape {weight.shape}")
+    n, k = weight.shape
+    x2 = dispatch.as_rows(x, k)
     backend = dispatch.resolve(backend)
     if backend == "torch":
         return nf4_gemv_reference(x, weight)
-    n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     levels, table = _tables(weight, x.device)
     grid = lambda meta: (x2.shape[0], dispatch.cdiv(n, meta["BLOCK_N"]))  # noqa: E731

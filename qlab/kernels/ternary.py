@@ -91,12 +91,10 @@ def _matmul_kernel(x_ptr, packed_ptr, y_ptr, M, N, K, stride_xm, stride_ym, scal
 def ternary_matmul(x: torch.Tensor, weight: TernaryWeight, backend: str | None = None) -> torch.Tensor:
     """y = gamma * x @ T.T for x [..., K]; the result has x's dtype."""
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K = {k}")
+    x2 = dispatch.as_rows(x, k)
     backend = dispatch.resolve(backend)
     if backend == "torch":
         return ternary_matmul_reference(x, weight)
-    x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (dispatch.cdiv(m, meta["BLOCK_M"]), dispatch.cdiv(n, meta["BLOCK_N"]))  # noqa: E731

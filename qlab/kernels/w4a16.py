@@ -168,12 +168,10 @@ def w4a16_matmul(x: torch.Tensor, weight, backend: str | None = None) -> torch.T
     if not isinstance(weight, Int4Weight):
         weight = Int4Weight.from_quantized(weight)
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K = {k}")
+    x2 = dispatch.as_rows(x, k)
     backend = dispatch.resolve(backend)
     if backend == "torch":
         return w4a16_matmul_reference(x, weight)
-    x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_k = _block_k(weight.group_size)

@@ -67,3 +67,12 @@ def test_without_triton_then_with_it_in_a_fresh_process():
     """)
     assert out.splitlines() == ["False torch [[10.0, -2.0, -4.0, 0.0]]", "1 [[10.0, -2.0, -4.0, 0.0]]"]
 
+
+
+def test_as_rows_flattens_leading_dims_and_checks_k():
+    x = torch.arange(24.0).reshape(2, 3, 4).transpose(0, 1)  # not contiguous
+    rows = dispatch.as_rows(x, 4)
+    assert rows.shape == (6, 4) and rows.is_contiguous() and torch.equal(rows, x.reshape(6, 4))
+    for bad in (torch.ones(3, 5), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="K = 4"):
+            dispatch.as_rows(bad, 4)

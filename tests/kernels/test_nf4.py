@@ -43,5 +43,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="nf4-b<size>-dq"):
         NF4Weight.from_quantized(quantize(torch.randn(4, 64), "nf4"))
     w = nf4_quantize(torch.randn(4, 64))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="last dimension must be the weight.s K = 64"):
         nf4_gemv(torch.randn(1, 65), w)
+    with pytest.raises(ValueError, match="2-d weight"):
+        nf4_gemv(torch.randn(1, 64), nf4_quantize(torch.randn(2, 4, 64)))
