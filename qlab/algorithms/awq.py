@@ -12,7 +12,10 @@ scale barely moves as long as s is moderate. The scales come from activation sta
     s = mean|x|^alpha,  normalised by sqrt(max(s) min(s)),  alpha in {0, 1/20, ..., 19/20}      (eq. 5)
 
 alpha is chosen by grid search on the output error of all Linears that read the same input (alpha = 0
-is plain round-to-nearest). Then a clipping search: for each output channel and group, the weight
+is plain round-to-nearest). The reference code (mit-han-lab/llm-awq, ``auto_scale``) measures that error
+at the output of the whole module instead (self-attention for q/k/v, the MLP for gate/up), so that q and k
+errors count through the softmax; qlab uses the Linears' own outputs, which needs no attention forward per
+grid point on a CPU. The two coincide for v -> o_proj and up -> down_proj. Then a clipping search: for each output channel and group, the weight
 range is shrunk to p * max|w| with p in {1, 0.95, ..., 0.55}, keeping the p that minimises that group's
 contribution to the output error (AWQ's reference skips this for q/k projections; so can you).
 
