@@ -85,9 +85,14 @@ def llmcompressor_gptq(folder, calib, args) -> tuple[dict, Timer, dict]:
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"], block_size=args.block_size, dampening_frac=args.percdamp,
                           actorder=None)
+    seen = []  # every token row the embedding receives during oneshot: proves which windows were used
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     with Timer() as timer:
         oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=n,
                 max_seq_length=seq_len, shuffle_calibration_samples=False, batch_size=args.batch_size)
+    hook.remove()
+    real = [t.reshape(-1, t.shape[-1]) for t in seen if t.device.type != "meta"]  # not the tracing passes
+    check_same_windows(torch.cat(real), calib)
 
     out, checked = {}, 0
     for name, m in block_linears(model).items():
@@ -101,8 +106,18 @@ def llmcompressor_gptq(folder, calib, args) -> tuple[dict, Timer, dict]:
                     grid=f"int{args.bits} [{-2 ** (args.bits - 1)}, {2 ** (args.bits - 1) - 1}]",
                     scale_rule=("absmax / ((qmax - qmin) / 2)" if args.sym else "(max - min) / (qmax - qmin)"),
                     group_scales="from the original weights, before the GPTQ sweep (observer, min-max)",
-                    checked_on_grid=checked)
+                    checked_on_grid=checked, checked_windows=n)
     return out, timer, settings
+
+
+def check_same_windows(seen: torch.Tensor, calib: torch.Tensor):
+    """The windows the peer ran through the model are exactly the calibration windows (each one, whole,
+    unchanged; order and repeats aside)."""
+    if seen.shape[-1] != calib.shape[-1]:
+        raise AssertionError(f"the peer saw windows of {seen.shape[-1]} tokens, not {calib.shape[-1]}")
+    unique = torch.unique(seen, dim=0)
+    if not torch.equal(unique, torch.unique(calib, dim=0)):
+        raise AssertionError(f"the peer saw {len(unique)} distinct windows, not the {len(calib)} given")
 
 
 def check_on_grid(name, w, scale, zero_point, bits, group_size):
@@ -137,8 +152,10 @@ def gptqmodel_gptq(folder, calib, args) -> tuple[dict, Timer, dict]:
     out = {}
     for name, m in model.model.named_modules():
         if name.startswith(BLOCK_PREFIX) and hasattr(m, "dequantize_weight"):
-            w = m.dequantize_weight()
-            out[name] = w.detach().float().t().contiguous() if w.shape[0] == m.in_features else w.detach().float()
+            w = m.dequantize_weight().detach().float().t()  # GPTQ's packed layout is [in, out]
+            if tuple(w.shape) != (m.out_features, m.in_features):
+                raise AssertionError(f"{name}: de-quantized weight has shape {tuple(w.shape)}")
+            out[name] = w.contiguous()
     if not out:
         raise AssertionError("no de-quantizable GPTQModel layers found after quantize()")
     return out, timer, dict(desc_act=False, damp_percent=args.percdamp, batch_size=args.batch_size)

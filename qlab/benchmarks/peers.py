@@ -241,7 +241,7 @@ JOBS = {
 def run_job(ctx: Context, job: str, rows: list, only: set | None = None) -> list[dict]:
     """The float row, then each row of the job (from its JSON under ctx.out when already measured)."""
     results = [dict(job=job, key="float", implementation="transformers", method="float", spec="fp32",
-                    **ctx.score(ctx.model))]
+                    ppl=ctx.reference.perplexity, kl_mean=0.0, top1=1.0)]  # the reference itself
     for key, fn, kwargs in rows:
         if only and key not in only:
             continue
@@ -253,13 +253,22 @@ def run_job(ctx: Context, job: str, rows: list, only: set | None = None) -> list
             continue
         print(f"== {job} {key}", file=sys.stderr, flush=True)
         try:
-            row = dict(job=job, key=key, threads=ctx.threads, **fn(ctx, **kwargs))
+            row = dict(job=job, key=key, threads=ctx.threads, qlab_commit=_commit(), **fn(ctx, **kwargs))
         except (RuntimeError, ValueError) as e:
             row = dict(job=job, key=key, error=str(e)[-2000:])
         path.write_text(json.dumps(row, indent=1))
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "peer"}), flush=True)
     return results
+
+
+def _commit() -> str | None:
+    """The qlab checkout's HEAD (rows measured on different commits can differ in speed)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
