@@ -124,22 +124,55 @@ def input_stats(
     return out
 
 
+class _AllCaptured(Exception):
+    """Raised by a capture hook once every requested layer has seen its input: the rest of the
+    forward pass (the later decoder layers and the head) is skipped."""
+
+
 @torch.no_grad()
-def capture_inputs(model, windows: torch.Tensor, name: str, batch_size: int = 1) -> torch.Tensor:
-    """The full input matrix ``X [tokens, in]`` (float32) of the linear layer ``name``."""
+def capture_inputs_of(model, windows: torch.Tensor, names, batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """The full input matrices ``{name: X [tokens, in]}`` (float32) of several linear layers, in one pass.
+
+    Each forward pass stops as soon as every layer in ``names`` has received its input (as GPTQ's
+    reference stops at the layer it calibrates): capturing the inputs of layer 10 of 30 costs about
+    a third of a full forward.
+    """
     layers = linear_layers(model)
-    if name not in layers:
-        raise ValueError(f"{name!r} is not a linear layer of this model")
-    rows = []
-    handle = layers[name].register_forward_pre_hook(
-        lambda module, args: rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-    )
+    names = list(dict.fromkeys(names))  # unique, in the given order
+    missing = [n for n in names if n not in layers]
+    if missing or not names:
+        raise ValueError(f"not linear layers of this model: {missing or names}")
+    rows = {n: [] for n in names}
+    seen = set()
+
+    def hook(name):
+        def fn(module, args):
+            rows[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _AllCaptured
+
+        return fn
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         for start in range(0, len(windows), batch_size):
-            model(input_ids=windows[start : start + batch_size], use_cache=False)
+            seen.clear()
+            try:
+                model(input_ids=windows[start : start + batch_size], use_cache=False)
+            except _AllCaptured:
+                pass
     finally:
-        handle.remove()
-    return torch.cat(rows)
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def capture_inputs(model, windows: torch.Tensor, name: str, batch_size: int = 1) -> torch.Tensor:
+    """The full input matrix ``X [tokens, in]`` (float32) of the linear layer ``name``."""
+    if name not in linear_layers(model):
+        raise ValueError(f"{name!r} is not a linear layer of this model")
+    return capture_inputs_of(model, windows, [name], batch_size)[name]
 
 
 @torch.no_grad()

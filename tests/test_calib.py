@@ -30,6 +30,37 @@ def test_capture_inputs_is_the_normed_embedding(tiny, ids):
 
 
 @torch.no_grad()
+def test_capture_inputs_of_several_layers_stops_early(tiny, ids):
+    """One pass gives each layer's input as recomputed by hand, and nothing after the last one runs."""
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.v_proj"]
+    calls = []
+    probe = tiny.lm_head.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        got = calib.capture_inputs_of(tiny, ids, names, batch_size=2)
+    finally:
+        probe.remove()
+    assert calls == []  # the head never ran: every pass stopped at layer 1's down_proj
+    assert list(got) == names
+    # recompute layer 1's inputs from layer 0's output without hooks
+    h = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    block = tiny.model.layers[1]
+    torch.testing.assert_close(got["model.layers.1.self_attn.v_proj"], block.input_layernorm(h).reshape(-1, 64))
+    pos = torch.arange(ids.shape[1])[None]
+    attn_out = block.self_attn(block.input_layernorm(h), position_embeddings=tiny.model.rotary_emb(h, pos),
+                               attention_mask=None)[0]
+    h2 = h + attn_out
+    expected = block.mlp.act_fn(block.mlp.gate_proj(block.post_attention_layernorm(h2))) * \
+        block.mlp.up_proj(block.post_attention_layernorm(h2))
+    torch.testing.assert_close(got["model.layers.1.mlp.down_proj"], expected.reshape(-1, 128))
+    # the one-layer capture gives the same rows
+    torch.testing.assert_close(got["model.layers.0.self_attn.o_proj"],
+                               calib.capture_inputs(tiny, ids, "model.layers.0.self_attn.o_proj"))
+    assert not tiny.lm_head._forward_pre_hooks and not block.mlp.down_proj._forward_pre_hooks
+    with pytest.raises(ValueError, match="not linear"):
+        calib.capture_inputs_of(tiny, ids, ["model.layers.0.mlp"])
+
+
+@torch.no_grad()
 def test_stats_match_the_captured_matrix(tiny, ids):
     stats = calib.input_stats(tiny, ids, percentiles=(50, 99), progress=False)
     assert len(stats) == 2 * 7 + 1  # 7 linears per layer + lm_head

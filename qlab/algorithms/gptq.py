@@ -257,3 +257,54 @@ def gptq_shared(weights: list, H: torch.Tensor, spec, *, block_size: int = 128, 
         out.append(qt)
         start += w.shape[0]
     return out
+
+
+# --- Measuring a sweep: the layer's output error, and how it depends on the column order -----------------
+
+
+def output_error(W, W_hat, X: torch.Tensor) -> float:
+    """Relative output error of a quantized layer on inputs X [n, in]: the objective of eq. 1, normalised,
+
+        || X (W - W_hat)^T ||^2 / || X W^T ||^2   =   tr(D H D^T) / tr(W H W^T),   D = W - W_hat, H = hessian(X).
+
+    ``W`` and ``W_hat`` may also be lists of weights that read the same X (q/k/v): numerators and
+    denominators are then summed over the list. Example: X = I gives ||W - W_hat||_F^2 / ||W||_F^2.
+    """
+    Ws, W_hats = (W, W_hat) if isinstance(W, (list, tuple)) else ([W], [W_hat])
+    if len(Ws) != len(W_hats) or any(a.shape != b.shape for a, b in zip(Ws, W_hats)):
+        raise ValueError("W and W_hat must have the same shapes")
+    X = X.reshape(-1, X.shape[-1]).float()
+    num = sum(float((X @ (A.float() - B.float()).T).double().pow(2).sum()) for A, B in zip(Ws, W_hats))
+    den = sum(float((X @ A.float().T).double().pow(2).sum()) for A in Ws)
+    return num / den
+
+
+def column_orders(H: torch.Tensor, seed: int = 0) -> dict:
+    """Four orders in which to sweep the columns: natural (None), act-order (diag H descending, GPTQ's
+    choice: the most active inputs first, while many columns remain to absorb their error), a seeded
+    random permutation, and reverse act-order (diag H ascending, the least active first)."""
+    d = torch.diag(H)
+    return {
+        "natural": None,
+        "act-order (diag H descending)": torch.argsort(d, descending=True),
+        "random": torch.randperm(len(d), generator=torch.Generator().manual_seed(seed)),
+        "reverse (diag H ascending)": torch.argsort(d),
+    }
+
+
+def compare_orders(W: torch.Tensor, H: torch.Tensor, spec, inputs: dict, orders: dict | None = None,
+                   percdamp: float = 0.01):
+    """Relative output error (``output_error``) of GPTQ swept in each column order, and of RTN (the last
+    row, no error feedback), on each input set. ``inputs``: {set name: X [n, in]}, e.g. calibration and
+    held-out tokens; ``orders``: {name: perm or None} (default ``column_orders(H)``).
+    Returns a DataFrame, one row per order, one column per input set."""
+    import pandas as pd
+
+    from qlab.algorithms.rtn import rtn
+
+    spec = QuantSpec.parse(spec)
+    orders = column_orders(H) if orders is None else orders
+    W_hats = {name: gptq_sweep(W, H, spec, percdamp=percdamp, perm=perm).W_hat for name, perm in orders.items()}
+    W_hats["RTN (no feedback)"] = rtn(W, spec).dequantize()
+    rows = {name: {s: output_error(W, W_hat, X) for s, X in inputs.items()} for name, W_hat in W_hats.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("order")

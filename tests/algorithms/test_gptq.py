@@ -170,3 +170,45 @@ def test_shared_sweep_rejects_mismatched_or_per_tensor_weights():
         gptq_shared([torch.randn(4, 8), torch.randn(4, 6)], H, "int4-channel")
     with pytest.raises(ValueError, match="per-tensor"):
         gptq_shared([torch.randn(4, 8), torch.randn(4, 8)], H, "int4-tensor")
+
+
+def test_output_error_is_the_normalised_proxy(weight, gen):
+    """||X D^T||^2 / ||X W^T||^2 = tr(D H D^T) / tr(W H W^T) with H = (2/n) X^T X (eq. 1), and = ||D||^2/||W||^2 for X = I."""
+    from qlab.algorithms.gptq import output_error
+
+    X = torch.randn(400, 576, generator=gen) @ torch.randn(576, 576, generator=gen) / 24
+    W_hat = rtn(weight, "int3-g64-asym-minmax").dequantize()
+    H = hessian(X).double()
+    expected = proxy_error(weight, W_hat, H) / proxy_error(weight, torch.zeros_like(weight), H)
+    assert output_error(weight, W_hat, X) == pytest.approx(expected, rel=1e-5)
+    assert output_error(weight, W_hat, torch.eye(576)) == pytest.approx(
+        float(((weight - W_hat).double() ** 2).sum() / (weight.double() ** 2).sum()), rel=1e-6)
+    # a list of weights reading one X: the squared errors and norms add up
+    two = output_error([weight, 2 * weight], [W_hat, 2 * W_hat], X)
+    assert two == pytest.approx(expected, rel=1e-5)  # both terms scale by 4: the ratio is unchanged
+    with pytest.raises(ValueError, match="same shapes"):
+        output_error(weight, W_hat[:3], X)
+
+
+def test_compare_orders(weight, gen):
+    from qlab.algorithms.gptq import column_orders, compare_orders, output_error
+
+    X = torch.randn(600, 576, generator=gen) @ torch.randn(576, 576, generator=gen) * torch.linspace(0.1, 3, 576) / 24
+    H = hessian(X)
+    orders = column_orders(H, seed=3)
+    assert sorted(orders["random"].tolist()) == list(range(576))
+    assert torch.equal(orders["random"], column_orders(H, seed=3)["random"])
+    d = torch.diag(H)
+    assert (d[orders["act-order (diag H descending)"]].diff() <= 0).all()
+    assert (d[orders["reverse (diag H ascending)"]].diff() >= 0).all()
+    table = compare_orders(weight, H, "int3-g128-asym-minmax", {"calib": X}, orders)
+    assert list(table.index) == list(orders) + ["RTN (no feedback)"]
+    act = gptq(weight, H, "int3-g128-asym-minmax", act_order=True).dequantize()
+    assert table.loc["act-order (diag H descending)", "calib"] == pytest.approx(output_error(weight, act, X), rel=1e-12)
+    assert table.loc["RTN (no feedback)", "calib"] == pytest.approx(
+        output_error(weight, rtn(weight, "int3-g128-asym-minmax").dequantize(), X), rel=1e-12)
+    assert (table["calib"].iloc[:4] < table["calib"].iloc[4]).all()  # every order beats RTN on correlated inputs
+    # uncorrelated inputs (X^T X diagonal): nothing to compensate, every order reproduces RTN exactly
+    X_diag = torch.diag(torch.rand(576, generator=gen) + 0.5)
+    flat = compare_orders(weight, hessian(X_diag), "int3-g128-asym-minmax", {"diag": X_diag}, orders)["diag"]
+    assert (flat == flat.iloc[-1]).all(), flat

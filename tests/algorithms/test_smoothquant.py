@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qlab.algorithms.smoothquant import (W8A8Linear, int8_matmul, max_abs, quantize_activations,
-                                         smoothing_scales, smoothquant, WEIGHT_SPEC)
+from qlab.algorithms.smoothquant import (W8A8Linear, WEIGHT_SPEC, int8_matmul, int8_matmul_f64, max_abs,
+                                         quantize_activations, smoothing_scales, smoothquant, w8a8_output_error)
 from qlab.quant import quantize
 
 
@@ -27,6 +27,7 @@ def test_integer_matmul_is_torchs_int8_gemm(gen):
     acc = torch._int_mm(ix.contiguous(), iw.T.contiguous())  # torch's own int8 x int8 -> int32 GEMM
     expected = acc.double() * qx.scales().double()[:, None] * qw.scales().double()[None, :]
     assert torch.allclose(int8_matmul(qx, qw).double(), expected, rtol=1e-6)
+    assert torch.equal(int8_matmul_f64(qx, qw), int8_matmul(qx, qw))  # float64 sums of int8 products are exact
     # and the hand rule of vector-wise int8: round(x * 127 / absmax) per row
     assert torch.equal(ix[0].float(), torch.round(X[0] * 127 / X[0].abs().max()))
 
@@ -94,3 +95,31 @@ def test_smooth_model_keeps_the_function_and_w8a8_model_runs():
     with torch.no_grad():
         after = smoothed(tokens).logits
     assert torch.allclose(after, before, atol=0.05)
+
+
+def _w8a8_by_hand(X, W, static_scale=None):
+    """int8 absmax by hand: W per output row, X per token (or one given scale), integer matmul, rescale."""
+    sw = W.abs().amax(1, keepdim=True) / 127
+    sx = X.abs().amax(1, keepdim=True) / 127 if static_scale is None else torch.tensor(static_scale)
+    Wq = torch.round(W / sw).clamp(-127, 127)
+    Xq = torch.round(X / sx).clamp(-127, 127)
+    return (Xq.double() @ Wq.double().T) * sx.double() * sw.double().T
+
+
+def test_w8a8_output_error_by_hand(gen):
+    X_calib = torch.randn(64, 48, generator=gen) * torch.logspace(-1, 1, 48)
+    X_test = torch.randn(32, 48, generator=gen) * torch.logspace(-1, 1, 48)
+    Ws = [torch.randn(16, 48, generator=gen), torch.randn(8, 48, generator=gen) * 3]
+    ref = [X_test.double() @ W.double().T for W in Ws]
+    pooled = lambda Y_hats: float(sum(((Yh - Y) ** 2).sum() for Yh, Y in zip(Y_hats, ref)) /  # noqa: E731
+                                  sum((Y ** 2).sum() for Y in ref))
+    naive = pooled([_w8a8_by_hand(X_test, W) for W in Ws])
+    assert w8a8_output_error(Ws, X_calib, X_test, "token") == pytest.approx(naive, rel=1e-4)
+    # SmoothQuant, alpha = 0.3, static activation scale from the calibration set, all by hand (eq. 4)
+    w_max = torch.stack([W.abs().amax(0) for W in Ws]).amax(0)
+    s = X_calib.abs().amax(0) ** 0.3 / w_max ** 0.7
+    static = float((X_calib / s).abs().max()) / 127
+    smoothed = pooled([_w8a8_by_hand(X_test / s, W * s, static) for W in Ws])
+    assert w8a8_output_error(Ws, X_calib, X_test, "static", alpha=0.3) == pytest.approx(smoothed, rel=1e-4)
+    with pytest.raises(ValueError, match="weights must be"):
+        w8a8_output_error([Ws[0][:, :10]], X_calib, X_test)
