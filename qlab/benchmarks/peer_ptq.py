@@ -84,7 +84,7 @@ def llmcompressor_gptq(folder, calib, args) -> tuple[dict, Timer, dict]:
                                group_size=args.group_size, actorder=None)
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"], block_size=args.block_size, dampening_frac=args.percdamp,
-                          actorder=None)
+                          actorder=None)  # refuses groups that do not divide the row (576 / 128)
     seen = []  # every token row the embedding receives during oneshot: proves which windows were used
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     with Timer() as timer:
