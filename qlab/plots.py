@@ -160,14 +160,21 @@ def _front(df, x, y):
 
 
 def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: str = "label",
-                mark: str = "aligned_q4_1", logy: bool | None = None, title: str = ""):
+                mark: str = "aligned_q4_1", logy: bool | None = None, title: str = "", ymax: float | None = None):
     """Scatter of y against x with the Pareto front (lower-left envelope) drawn as a step line.
     Rows where ``df[mark]`` is true get hollow markers (results tied to the checkpoint's Q4_1 grid).
-    ``logy=None``: a log y axis when the values span more than a factor of 20."""
+    ``logy=None``: a log y axis when the values span more than a factor of 20. ``ymax``: rows above it
+    are drawn as triangles on the top edge (and counted in the legend), so that a few collapsed
+    configurations do not squash the interesting range."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 5))
+    above = df[df[y] > ymax] if ymax is not None else df.iloc[:0]
+    if len(above):
+        ax.scatter(above[x], [ymax] * len(above), marker="^", color="0.3", s=40, clip_on=False,
+                   label=f"{len(above)} above {ymax:.3g} (up to {above[y].max():.3g})")
+        df = df.drop(above.index)
     families = df[label].str.split().str[0] if label in df else df.index.astype(str)
     for i, fam in enumerate(dict.fromkeys(families)):
         sub = df[families == fam]
@@ -186,6 +193,8 @@ def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: st
         logy = len(positive) == len(df) and positive.max() > 20 * positive.min()
     if logy:
         ax.set_yscale("log")
+    if len(above):
+        ax.set_ylim(top=ymax)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return ax.figure
