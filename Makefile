@@ -28,11 +28,12 @@ test: env
 	$(BIN)/python -m pytest -q
 
 # every notebook in order, full mode; executed copies in runs/full/, figures in figures/
+# (QLAB_HEADLESS: qlab.plots.interact draws each widget's default view without creating the widget)
 run: env
 	@mkdir -p runs/full figures
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
-		$(BIN)/papermill -k qlab --cwd notebooks --progress-bar $$nb runs/full/$$(basename $$nb) || exit 1; \
+		QLAB_HEADLESS=1 $(BIN)/papermill -k qlab --cwd notebooks --progress-bar $$nb runs/full/$$(basename $$nb) || exit 1; \
 	done
 
 # notebooks only, smoke mode, figures to runs/smoke/figures

@@ -26,6 +26,50 @@ def savefig(fig, name: str) -> Path:
     return path
 
 
+def interact(fn, **knobs):
+    """``ipywidgets.interact(fn, **knobs)`` in a live notebook. In a headless run (``$QLAB_HEADLESS`` set,
+    as ``make run`` and the notebook tests do for papermill) ``fn`` is called once with the values the
+    widgets would start at, and its result displayed, without creating the interactive widget.
+
+    Why: an ``interact`` widget captures its output in an Output widget, and a headless client
+    (nbclient) then syncs that widget's state back to the kernel over the shell channel while the cell
+    runs; on this machine that intermittently left papermill waiting forever on an idle kernel (the cell's
+    reply never arrived; nteract/papermill#723 reports the same hang). The default figure is the same."""
+    if not os.environ.get("QLAB_HEADLESS"):
+        import ipywidgets
+
+        return ipywidgets.interact(fn, **knobs)
+    from IPython.display import display
+
+    result = fn(**initial_values(fn, **knobs))
+    if result is not None:
+        display(result)
+    return None
+
+
+def initial_values(fn, **knobs) -> dict:
+    """The value each knob of ``interact(fn, **knobs)`` starts at, as ipywidgets picks it: a widget's own
+    value; for a list of options, fn's default if it is one of them, else the first; for a (min, max[, step])
+    tuple, fn's default or else the middle of the range; a plain value stays fixed."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+    values = {}
+    for name, knob in knobs.items():
+        if hasattr(knob, "value"):  # a widget
+            values[name] = knob.value
+        elif isinstance(knob, (list, dict)) or (isinstance(knob, tuple) and not all(isinstance(v, (int, float)) for v in knob)):
+            options = list(knob.values()) if isinstance(knob, dict) else [v[1] if isinstance(v, tuple) else v for v in knob]
+            values[name] = defaults[name] if defaults.get(name, object()) in options else options[0]
+        elif isinstance(knob, tuple) and 2 <= len(knob) <= 3:
+            low, high = knob[:2]
+            mid = (low + high) / 2 if any(isinstance(v, float) for v in knob) else (low + high) // 2
+            values[name] = defaults.get(name, mid)
+        else:
+            values[name] = knob
+    return values
+
+
 def plot_reconstruction(x, quantized: dict, title: str = ""):
     """A number line per quantizer: the grid points each group can take (ticks), the original
     values (circles) and where they land (crosses). ``quantized`` maps a label to a QuantizedTensor."""

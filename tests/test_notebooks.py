@@ -31,14 +31,16 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch):
     for old in figures.glob(prefix + "*"):
         old.unlink()
     monkeypatch.setenv("QLAB_FIGURES", str(figures))
+    monkeypatch.setenv("QLAB_HEADLESS", "1")  # qlab.plots.interact draws the default view without widgets
     # the kernel decides about Triton's interpreter itself (qlab.kernels.dispatch); the test session's
     # TRITON_INTERPRET=1 is not passed on
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     try:
         _run(path, out_dir)
     except CellTimeoutError:
-        # Jupyter kernels here occasionally go idle without answering an execute request
-        # (ipython/ipykernel#1554); a stalled run is retried once, a failing cell is not
+        # a kernel that goes idle without answering an execute request (seen here at ipywidgets cells
+        # before QLAB_HEADLESS; ipython/ipykernel#1554, nteract/papermill#723) is retried once, a
+        # failing cell is not
         _run(path, out_dir)
     written = list(figures.glob(prefix + "*"))
     assert written, f"{path.name} saved no figure named {prefix}* under $QLAB_FIGURES"
