@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env test run lab smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf
+.PHONY: env test run lab smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
 
 env: $(STAMP)
 
@@ -72,3 +72,23 @@ llamacpp-peer:
 
 check-gguf: env
 	QLAB_LLAMACPP_PEER=$(PEERS)/llamacpp $(BIN)/python -m qlab.gguf.check
+
+# PTQ peers (issue 4) in their own venvs beside the repository, torch pinned: llm-compressor (it downgrades
+# transformers), bitsandbytes and HQQ in one; GPTQModel (optional) in another. Tests that need them skip without.
+ptq-peers:
+	@mkdir -p $(PEERS)
+	echo "$(TORCH)" > $(PEERS)/constraints.txt
+	test -x $(PEERS)/ptq/bin/python || $(PYTHON) -m venv $(PEERS)/ptq
+	$(PEERS)/ptq/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/ptq/bin/pip install -q -c $(PEERS)/constraints.txt "$(TORCH)" llmcompressor==0.14.0 bitsandbytes==0.50.2 hqq==0.2.8.post1
+
+gptqmodel-peer:
+	@mkdir -p $(PEERS)
+	echo "$(TORCH)" > $(PEERS)/constraints.txt
+	test -x $(PEERS)/gptqmodel/bin/python || $(PYTHON) -m venv $(PEERS)/gptqmodel
+	$(PEERS)/gptqmodel/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/gptqmodel/bin/pip install -q -c $(PEERS)/constraints.txt "$(TORCH)" gptqmodel==7.6.0
+
+# qlab's GPTQ / RTN / NF4 next to the peers: same model, windows and evaluation, one thread each (about 1 h)
+bench-peers: env
+	QLAB_PTQ_PEER=$(PEERS)/ptq $(BIN)/python -m qlab.benchmarks.peers --job all --threads 1 --peer-python $(PEERS)/ptq/bin/python
