@@ -20,6 +20,7 @@ so an unchanged model gives KL exactly 0 and 100 % agreement.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ def evaluate(
     out = {
         "ppl": float(torch.exp(nll.mean())),
         "nll": float(nll.mean()),
+        "window_nll": nll.mean(dim=1).tolist(),  # per window, for paired comparisons (paired_ppl_ratio)
         "n_windows": windows.shape[0],
         "seq_len": windows.shape[1],
         "n_tokens": nll.numel(),
@@ -130,6 +132,26 @@ def evaluate(
             top1=float(torch.cat(agree).float().mean()),
         )
     return out
+
+
+def paired_ppl_ratio(window_nll_a, window_nll_b) -> dict:
+    """Perplexity of model A over model B on the same windows, with a 95% interval from the spread of the
+    per-window differences (a paired comparison: both models see the same text, so the text's own
+    difficulty cancels). With d_i = mean NLL of A minus that of B on window i (equal-length windows):
+
+        ratio = exp(mean d),   95% interval = exp(mean d -+ 1.96 sd(d) / sqrt(n))
+
+    ``a_better`` counts the windows where A has the lower NLL. An interval containing 1 means the
+    windows cannot tell the two apart."""
+    a = torch.as_tensor(window_nll_a, dtype=torch.float64)
+    b = torch.as_tensor(window_nll_b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 1 or len(a) < 2:
+        raise ValueError(f"need two equal-length lists of per-window NLLs (at least 2), got {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a - b
+    half = 1.96 * float(d.std()) / len(d) ** 0.5
+    mean = float(d.mean())
+    return {"ratio": math.exp(mean), "ci95": (math.exp(mean - half), math.exp(mean + half)),
+            "a_better": int((d < 0).sum()), "n_windows": len(d)}
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:

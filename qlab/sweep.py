@@ -194,7 +194,7 @@ def run_one(config: dict, session: _Session) -> dict:
         "recipe": {k: (None if v is None else str(v)) for k, v in recipe.items()},
         "mode": config.get("mode", "fake"),
         "calib_windows": config.get("calib_windows", 32) if config.get("method", "rtn") != "rtn" else 0,
-        **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1")},
+        **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1", "window_nll")},
         **size.summary(),
         "quant_seconds": quant_seconds,
         "eval_seconds": metrics["seconds"],

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import embedded as emb
 from embedded import embedded  # noqa: F401
 from qlab.apply import quantize_model, weight_only
-from qlab.eval import evaluate, perplexity, reference_logprobs
+from qlab.eval import evaluate, paired_ppl_ratio, perplexity, reference_logprobs
 
 
 class FixedLM(torch.nn.Module):
@@ -93,3 +93,23 @@ def test_int8_channel_close_and_int2_tensor_far(embedded, reference):
     del q2
     assert r2["ppl"] > 10 * reference.perplexity
     assert r2["kl_mean"] > 100 * r8["kl_mean"] and r2["top1"] < 0.5
+
+
+def test_paired_ppl_ratio_by_hand():
+    # differences d = [0.1, 0.3]: mean 0.2, sd 0.141421 (n - 1), half-width 1.96 * 0.141421 / sqrt(2) = 0.196
+    r = paired_ppl_ratio([3.1, 2.3], [3.0, 2.0])
+    assert r["ratio"] == pytest.approx(math.exp(0.2))
+    assert r["ci95"] == pytest.approx((math.exp(0.2 - 0.196), math.exp(0.2 + 0.196)), rel=1e-6)
+    assert r["a_better"] == 0 and r["n_windows"] == 2
+    same = paired_ppl_ratio([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same["ratio"] == 1 and same["ci95"] == (1, 1)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_ppl_ratio([1.0, 2.0], [1.0])
+
+
+def test_window_nll_by_hand():
+    # p = (1/2, 1/4, 1/4): window [0, 1, 0] costs (log 4 + log 2) / 2, window [1, 0, 0] costs log 2
+    lm = FixedLM(torch.log(torch.tensor([0.5, 0.25, 0.25])))
+    out = evaluate(lm, torch.tensor([[0, 1, 0], [1, 0, 0]]), progress=False)
+    assert out["window_nll"] == pytest.approx([1.5 * math.log(2), math.log(2)])
+    assert sum(out["window_nll"]) / 2 == pytest.approx(out["nll"])
