@@ -82,12 +82,13 @@ class _Session:
 
     def __init__(self, protocol, batch_size, load, progress):
         self.protocol, self.batch_size, self.load, self.progress = protocol, batch_size, load, progress
-        self.models, self.refs = {}, {}
+        self.models, self.refs, self.calibs = {}, {}, {}
 
     def model(self, name):
         if name not in self.models:
             self.models.clear()
-            self.refs.clear()  # keep one model (and its reference) in memory at a time
+            self.refs.clear()  # keep one model (and its reference and calibration windows) in memory at a time
+            self.calibs.clear()
             self.models[name] = self.load(name)
         return self.models[name]
 
@@ -95,11 +96,11 @@ class _Session:
         from qlab.data import wikitext2_windows
 
         key = (name, n_windows)
-        if key not in self.refs:
+        if key not in self.calibs:
             _, tokenizer = self.model(name)
             p = self.protocol
-            self.refs[key] = wikitext2_windows(tokenizer, "calibration", p.seq_len, n_windows, "spread", p.n_calibration, p.seed)
-        return self.refs[key]
+            self.calibs[key] = wikitext2_windows(tokenizer, "calibration", p.seq_len, n_windows, "spread", p.n_calibration, p.seed)
+        return self.calibs[key]
 
     def reference(self, name):
         from qlab.data import wikitext2_windows
@@ -140,18 +141,22 @@ def _w8a8(model, calib, spec, act="token", alpha=None):
 
     if spec != "int8-channel-sym-absmax":
         raise ValueError(f"the w8a8 method quantizes weights as int8-channel-sym-absmax, got spec {spec!r}")
-    stats = None
-    if alpha is not None or act == "static":
+    def act_max():  # per-channel max|x| of every block Linear's input, on the model as it is now
         stats = input_stats(model, calib, pattern="model.layers.*", percentiles=(), progress=False)
+        return {n: st.max_abs for n, st in stats.items()}
+
     if alpha is not None:
-        smooth_model(model, {n: st.max_abs for n, st in stats.items()}, alpha=alpha)
-        stats = input_stats(model, calib, pattern="model.layers.*", percentiles=(), progress=False) if act == "static" else None
-    act_max = None if stats is None else {n: st.max_abs for n, st in stats.items()}
-    replaced = w8a8_model(model, act=act, act_max=act_max, pattern="model.layers.")
+        smooth_model(model, act_max(), alpha=alpha)
+    replaced = w8a8_model(model, act=act, act_max=act_max() if act == "static" else None, pattern="model.layers.")
     return {name: layer.qweight for name, layer in replaced.items()}
 
 
 METHODS = {"gptq": _gptq, "awq": _awq, "w8a8": _w8a8}
+
+
+def _calib_windows(config: dict) -> int:
+    """How many calibration windows a configuration uses (0 for RTN, which uses none)."""
+    return 0 if config.get("method", "rtn") == "rtn" else config.get("calib_windows", 32)
 
 
 def _quantize(config: dict, model, session):
@@ -170,7 +175,7 @@ def _quantize(config: dict, model, session):
         raise ValueError(f"unknown method {method!r}; known: rtn, {', '.join(METHODS)}")
     if "spec" not in config or config.get("mode", "fake") != "fake":
         raise ValueError(f"method {method!r} needs a 'spec' and works in fake-quant mode")
-    calib = session.calibration(config.get("model", EMBEDDED), config.get("calib_windows", 32))
+    calib = session.calibration(config.get("model", EMBEDDED), _calib_windows(config))
     qmodel = copy.deepcopy(model)
     quantized = METHODS[method](qmodel, calib, config["spec"], **config.get("options", {}))
     return qmodel, size_report(model, quantized), weight_only(config["spec"])
@@ -193,7 +198,7 @@ def run_one(config: dict, session: _Session) -> dict:
         "method": config.get("method", "rtn"),
         "recipe": {k: (None if v is None else str(v)) for k, v in recipe.items()},
         "mode": config.get("mode", "fake"),
-        "calib_windows": config.get("calib_windows", 32) if config.get("method", "rtn") != "rtn" else 0,
+        "calib_windows": _calib_windows(config),
         **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1", "window_nll")},
         **size.summary(),
         "quant_seconds": quant_seconds,

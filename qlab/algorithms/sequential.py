@@ -146,7 +146,7 @@ def gptq_model(model, windows: torch.Tensor, spec, *, batch_size: int = 8, block
         for names in groups:
             for shared, H in _hessians(layer, linears, names, store):
                 weights = [linears[n].weight for n in shared]
-                sweep = gptq_shared if len(weights) > 1 and not isinstance(spec.granularity, PerTensor) else _one_by_one
+                sweep = _one_by_one if isinstance(spec.granularity, PerTensor) else gptq_shared  # one scale per weight
                 qts = sweep([w.data for w in weights], H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
                 for name, weight, qt in zip(shared, weights, qts):
                     weight.data = qt.dequantize().to(weight.dtype)
