@@ -28,7 +28,7 @@ test: env
 	$(BIN)/python -m pytest -q
 
 # every notebook in order, full mode; executed copies in runs/full/, figures in figures/
-# (QLAB_HEADLESS: qlab.plots.interact draws each widget's default view without creating the widget)
+# (QLAB_HEADLESS: qlab.study.plots.interact draws each widget's default view without creating the widget)
 run: env
 	@mkdir -p runs/full figures
 	@for nb in $(NOTEBOOKS); do \
@@ -71,7 +71,7 @@ llamacpp-peer:
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llamacpp/bin/pip install llama-cpp-python==0.3.36
 
 check-gguf: env
-	QLAB_LLAMACPP_PEER=$(PEERS)/llamacpp $(BIN)/python -m qlab.gguf.check
+	QLAB_LLAMACPP_PEER=$(PEERS)/llamacpp $(BIN)/python -m qlab.benchmarks.check_gguf
 
 # PTQ peers (issue 4) in their own venvs beside the repository, torch pinned: llm-compressor (it downgrades
 # transformers), bitsandbytes and HQQ in one; GPTQModel (optional) in another. Tests that need them skip without.

@@ -24,7 +24,7 @@ def load():
 @functools.lru_cache(maxsize=4)
 def windows(seq_len: int = 128, n: int = 2) -> torch.Tensor:
     """``n`` evaluation windows of ``seq_len`` tokens (evaluation articles, seed 0)."""
-    from qlab.data import wikitext2_windows
+    from qlab.models.data import wikitext2_windows
 
     return wikitext2_windows(load()[1], "evaluation", seq_len, n, pick="spread")
 

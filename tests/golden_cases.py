@@ -73,9 +73,9 @@ def gguf_cases():
 
 
 def layer_cases():
-    from qlab.algorithms.awq import awq
-    from qlab.algorithms.gptq import gptq, gptq_shared, hessian
-    from qlab.algorithms.smoothquant import smoothquant, max_abs
+    from qlab.methods.weight.awq import awq
+    from qlab.methods.weight.gptq import gptq, gptq_shared, hessian
+    from qlab.methods.activation.smoothquant import smoothquant, max_abs
 
     W = fixed_weight()[:, :256]
     W2 = torch.randn(16, 256, generator=torch.Generator().manual_seed(3)) * 0.05
@@ -120,9 +120,9 @@ def _model_digests(prefix, model, tokens):
 
 def model_cases():
     """Whole-model paths on a tiny random Llama (256 wide, so k-quants apply)."""
-    from qlab.apply import quantize_model
-    from qlab.gguf.model import apply_mix
-    from qlab.sweep import METHODS
+    from qlab.models.walker import quantize_model
+    from qlab.methods.weight.gguf import apply_mix
+    from qlab.eval.sweep import METHODS
 
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, 128, (8, 32), generator=g)

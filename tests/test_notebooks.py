@@ -31,7 +31,7 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch):
     for old in figures.glob(prefix + "*"):
         old.unlink()
     monkeypatch.setenv("QLAB_FIGURES", str(figures))
-    monkeypatch.setenv("QLAB_HEADLESS", "1")  # qlab.plots.interact draws the default view without widgets
+    monkeypatch.setenv("QLAB_HEADLESS", "1")  # qlab.study.plots.interact draws the default view without widgets
     # the kernel decides about Triton's interpreter itself (qlab.kernels.dispatch); the test session's
     # TRITON_INTERPRET=1 is not passed on
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -6,7 +6,7 @@
     python -m qlab.benchmarks.gptq --methods rtn,gptq --eval 64                   # is GPTQ's gain real?
 
 Calibration windows are spread over the WikiText-2 calibration articles, evaluation windows over the
-other articles (``qlab.data``; the windows of notebook 08), perplexity with ``qlab.eval`` (every
+other articles (``qlab.models.data``; the windows of notebook 08), perplexity with ``qlab.eval`` (every
 position of each window scored). Prints one JSON line per model: spec, method, perplexity, the wall
 time of the quantization and, next to RTN, the paired perplexity ratio with its 95% interval over the
 windows (``qlab.eval.paired_ppl_ratio``).
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from qlab.algorithms.sequential import awq_model, gptq_model
-from qlab.apply import quantize_model, weight_only
-from qlab.data import wikitext2_windows
+from qlab.models.sequential import awq_model, gptq_model
+from qlab.models.walker import quantize_model, weight_only
+from qlab.models.data import wikitext2_windows
 from qlab.eval import evaluate, paired_ppl_ratio
 from qlab.models import load_model
 

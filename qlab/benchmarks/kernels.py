@@ -18,7 +18,7 @@ import sys
 import torch
 
 from qlab.kernels import dispatch
-from qlab.kernels.roofline import Device, matmul_cost
+from qlab.study.roofline import Device, matmul_cost
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -64,7 +64,7 @@ def bench_matmuls(n: int, k: int, batches, device: Device) -> list[dict]:
     from qlab.kernels.nf4 import nf4_dequantize, nf4_gemv, nf4_quantize
     from qlab.kernels.ternary import ternary_matmul, ternary_quantize
     from qlab.kernels.w4a16 import Int4Weight, w4a16_matmul
-    from qlab.quant import quantize
+    from qlab.core.quant import quantize
 
     W = torch.randn(n, k) * 0.02
     w4 = _to_cuda(Int4Weight.from_quantized(quantize(W, "int4-g128-asym-minmax")))

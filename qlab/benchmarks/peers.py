@@ -37,12 +37,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qlab.algorithms.sequential import gptq_model
-from qlab.apply import quantize_model, weight_only
-from qlab.data import wikitext2_windows
+from qlab.models.sequential import gptq_model
+from qlab.models.walker import quantize_model, weight_only
+from qlab.models.data import wikitext2_windows
 from qlab.eval import evaluate, reference_logprobs
 from qlab.models import EMBEDDED, REPO_ROOT, cache_dir, linear_layers, load_model
-from qlab.quant import fake_quant
+from qlab.core.quant import fake_quant
 
 PEER_SCRIPT = Path(__file__).with_name("peer_ptq.py")
 DEFAULT_PEER = Path(os.environ.get("QLAB_PTQ_PEER", REPO_ROOT.parent / "peers" / "ptq"))

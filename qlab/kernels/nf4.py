@@ -14,7 +14,7 @@ works, the kernel only looks it up):
     c1[b] = table8[qc1[b]] * c2[b // 256] + mean
 
 which costs 8/64 + 32/(64*256) = 0.127 bits per weight instead of 32/64 = 0.5.
-Codes are packed two per byte, low nibble first (qlab's layout, see ``qlab.packing``; bitsandbytes
+Codes are packed two per byte, low nibble first (qlab's layout, see ``qlab.core.packing``; bitsandbytes
 puts the first code in the high nibble). ``tests/kernels/peer_bitsandbytes.py`` feeds bitsandbytes'
 own quantization state to these kernels and checks them bit for bit against its ``dequantize_4bit``.
 """
@@ -45,8 +45,8 @@ class NF4Weight:
 
     @classmethod
     def from_quantized(cls, qt) -> "NF4Weight":
-        """Adapt a ``qlab.quant.QuantizedTensor`` of spec 'nf4-b64-dq' (any block size)."""
-        from qlab.granularity import PerBlock
+        """Adapt a ``qlab.core.quant.QuantizedTensor`` of spec 'nf4-b64-dq' (any block size)."""
+        from qlab.core.granularity import PerBlock
 
         spec = qt.spec
         if spec.format != "nf4" or not isinstance(spec.granularity, PerBlock) or not spec.double_quant:
@@ -73,7 +73,7 @@ class NF4Weight:
 
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> NF4Weight:
     """NF4 with double-quantized absmax, by qlab's core quantizer (spec 'nf4-b{blocksize}-dq')."""
-    from qlab.quant import quantize
+    from qlab.core.quant import quantize
 
     return NF4Weight.from_quantized(quantize(w, f"nf4-b{blocksize}-dq"))
 

@@ -32,8 +32,8 @@ class TernaryWeight:
 
     @classmethod
     def from_quantized(cls, qt) -> "TernaryWeight":
-        """Adapt a ``qlab.quant.QuantizedTensor`` of spec 'ternary' (absmean, per tensor)."""
-        from qlab.granularity import PerTensor
+        """Adapt a ``qlab.core.quant.QuantizedTensor`` of spec 'ternary' (absmean, per tensor)."""
+        from qlab.core.granularity import PerTensor
 
         if qt.spec.format != "ternary" or not isinstance(qt.spec.granularity, PerTensor) or len(qt.shape) != 2:
             raise ValueError(f"the ternary kernel needs a 2-D per-tensor 'ternary' tensor, got {qt!r}")
@@ -52,7 +52,7 @@ class TernaryWeight:
 
 def ternary_quantize(w: torch.Tensor) -> TernaryWeight:
     """BitNet b1.58 absmean quantization of a [N, K] weight, by qlab's core quantizer (spec 'ternary')."""
-    from qlab.quant import quantize
+    from qlab.core.quant import quantize
 
     return TernaryWeight.from_quantized(quantize(w, "ternary"))
 

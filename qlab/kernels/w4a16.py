@@ -6,7 +6,7 @@
 accumulated in fp32. Only the packed codes (0.5 byte per weight) plus one scale (and zero) per group
 of ``g`` weights travel from memory; the fp16 weight tile exists only in registers.
 
-Packed layout (qlab's, see ``qlab.packing``): the codes of the [N, K] weight, in row-major order,
+Packed layout (qlab's, see ``qlab.core.packing``): the codes of the [N, K] weight, in row-major order,
 form one little-endian stream of nibbles, so weight (n, k) is code number ``e = n * K + k``, found
 in byte ``e // 2``, low nibble if ``e`` is even. Example: codes [1, 2, 15] pack to bytes
 [0x21, 0x0F]. ``scale`` and ``zero`` have shape [N, ceil(K / g)]; the last group may be shorter.
@@ -48,8 +48,8 @@ class Int4Weight:
 
     @classmethod
     def from_quantized(cls, qt) -> "Int4Weight":
-        """Adapt a 4-bit per-group ``qlab.quant.QuantizedTensor`` (e.g. spec 'int4-g128-asym-minmax')."""
-        from qlab.granularity import PerGroup
+        """Adapt a 4-bit per-group ``qlab.core.quant.QuantizedTensor`` (e.g. spec 'int4-g128-asym-minmax')."""
+        from qlab.core.granularity import PerGroup
 
         spec = qt.spec
         if spec.bits != 4 or not isinstance(spec.granularity, PerGroup) or len(qt.shape) != 2:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlab.benchmarks import peers
-from qlab.quant import fake_quant
+from qlab.core.quant import fake_quant
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_load_peer_weights_puts_each_weight_on_its_module(tiny):
     for k, v in tiny.state_dict().items():  # the input model is left untouched
         assert torch.equal(v, before[k]), k
     # the logits change exactly as a qlab fake-quant model's do
-    from qlab.apply import quantize_model, weight_only
+    from qlab.models.walker import quantize_model, weight_only
 
     ours, _ = quantize_model(tiny, weight_only("int4-g32"))
     ids = torch.arange(12)[None] % 96

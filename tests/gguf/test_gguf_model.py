@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qlab import gguf as qg
-from qlab.gguf.model import apply_mix, gguf_names
-from qlab.gguf.imatrix import collect_imatrix
+from qlab.methods.weight.gguf import apply_mix, gguf_names
+from qlab.models.imatrix import collect_imatrix
 
 
 def tiny_llama(hidden=256, layers=2, tied=True):

@@ -3,7 +3,7 @@ import torch
 
 from qlab.kernels.int8 import (int8_matmul, int8_matmul_reference, quantize_per_token_int8,
                                quantize_per_token_int8_reference, w8a8_linear)
-from qlab.quant import quantize
+from qlab.core.quant import quantize
 
 
 def _activations(m, k, gen):

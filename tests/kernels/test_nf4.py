@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from qlab.formats import get_grid
+from qlab.core.formats import get_grid
 from qlab.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_dequantize_reference, nf4_gemv, nf4_gemv_reference, nf4_quantize
-from qlab.quant import quantize
+from qlab.core.quant import quantize
 
 
 @pytest.mark.parametrize("shape, blocksize", [((37, 131), 64), ((8, 64), 64), ((130, 70), 32)])

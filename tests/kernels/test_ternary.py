@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qlab.kernels.ternary import TernaryWeight, ternary_matmul, ternary_matmul_reference, ternary_quantize
-from qlab.quant import quantize
+from qlab.core.quant import quantize
 
 
 def test_hand_example():

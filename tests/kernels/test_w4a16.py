@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qlab.kernels.w4a16 import Int4Weight, pack_int4, unpack_int4, w4a16_matmul, w4a16_matmul_reference
-from qlab.packing import pack
-from qlab.quant import quantize
+from qlab.core.packing import pack
+from qlab.core.quant import quantize
 
 
 def test_nibble_order_is_low_first_as_in_qlab_packing():

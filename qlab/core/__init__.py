@@ -1,0 +1,11 @@
+"""The representation core: what a quantized tensor is, independent of any model or method.
+
+* ``formats``      number grids: int, FP8/FP4/fp16/bf16, NF4, ternary, binary, dynamic 8-bit
+* ``granularity``  which elements share a scale: tensor, channel, token, group, block
+* ``scales``       how a scale (and zero point or minimum) is chosen: absmax, minmax, mse, absmean
+* ``packing``      b-bit codes <-> a little-endian byte stream
+* ``quant``        QuantSpec, QuantizedTensor, quantize / dequantize / fake_quant
+* ``error``        reconstruction error: MSE, SQNR, relative Frobenius error
+
+Nothing here imports from another qlab layer.
+"""

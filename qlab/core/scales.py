@@ -1,0 +1,122 @@
+"""Scale rules: how the scale (and zero point) of each group is chosen.
+
+All rules take the groups as a matrix ``G [n_groups, group_len]`` (see ``qlab.core.granularity``), an
+optional mask of real (non-padding) elements, and the grid; they return ``(scale, zero_point)`` with one
+entry per group (``zero_point`` is None for symmetric grids). With them, quantization is
+
+    q = grid.round(x / scale + zero_point)        x_hat = scale * (q - zero_point)
+
+* ``absmax``  (symmetric): scale = max|x| / grid.max_abs            e.g. int8: max|x| / 127
+* ``minmax``  (asymmetric, unsigned int grid):  scale = (max - min) / (qmax - qmin),
+  zero_point = round(qmin - min / scale). The range is widened to include 0 (as GPTQ's and torchao's
+  reference code do) so that 0 is exactly representable and the zero point fits in the grid. (At 1 bit
+  this makes the two levels {0, scale} or {-scale, 0}: an integer zero point always keeps 0 a level.)
+* ``mse``     the absmax / min-max range shrunk by a factor p in [0.01, 1], keeping for each group the
+  p that minimises the squared error (like GPTQ's ``Quantizer(mse=True)`` grid search with norm 2, but
+  searched down to 1 % since heavy-tailed groups want clipping far below GPTQ's floor of 0.2):
+  clipping a few large values buys a finer step for all the others.
+* ``absmean`` (BitNet b1.58, Ma et al. 2024, eq. 1-3): scale = mean|x|, for ternary and binary grids.
+* ``none``    scale 1: the grid itself is the format (fp16, bf16 casts).
+"""
+import torch
+
+
+def _masked(G, mask, fill):
+    return G if mask is None else G.masked_fill(~mask, fill)
+
+
+def absmax(G, mask, grid):
+    return G.abs().amax(dim=1) / grid.max_abs, None
+
+
+def minmax(G, mask, grid):
+    return _range_qparams(_masked(G, mask, float("inf")).amin(dim=1), _masked(G, mask, float("-inf")).amax(dim=1), grid)
+
+
+def _range_qparams(xmin, xmax, grid):
+    xmin, xmax = torch.clamp(xmin, max=0), torch.clamp(xmax, min=0)
+    scale = (xmax - xmin) / (grid.qmax - grid.qmin)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(grid.qmin - xmin / safe), grid.qmin, grid.qmax)
+    return scale, zero_point
+
+
+def absmean(G, mask, grid):
+    n = G.shape[1] if mask is None else mask.sum(dim=1)
+    return G.abs().sum(dim=1) / n, None
+
+
+def none(G, mask, grid):
+    return torch.ones(G.shape[0], dtype=G.dtype), None
+
+
+def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01):
+    """Search the clipping ratio p per group for the least squared error (see module docstring).
+
+    Two passes: ``coarse`` ratios spaced geometrically from 1 down to ``min_ratio`` (heavy-tailed
+    groups want p well below 0.2), then ``fine`` ratios around each group's best, one coarse step
+    either side, so the optimum is located to ~0.6 %.
+    """
+    if symmetric:
+        full_scale, _ = absmax(G, mask, grid)
+    else:
+        xmin = _masked(G, mask, float("inf")).amin(dim=1)
+        xmax = _masked(G, mask, float("-inf")).amax(dim=1)
+
+    def candidate(p):  # p: one clipping ratio per group
+        if symmetric:
+            return cast_scale(full_scale * p), None
+        scale, zp = _range_qparams(p * xmin, p * xmax, grid)
+        return cast_scale(scale), zp
+
+    best_err = torch.full((G.shape[0],), float("inf"), dtype=torch.float64)
+    best_p = torch.ones(G.shape[0])
+    best_scale = best_zp = None
+    step = min_ratio ** (1 / (coarse - 1))
+    coarse_ps = [step**i * torch.ones(G.shape[0]) for i in range(coarse)]
+    for stage in range(2):
+        ratios = coarse_ps if stage == 0 else [
+            torch.clamp(best_p * step ** (2 * j / (fine - 1) - 1), max=1.0) for j in range(fine)]
+        for p in ratios:
+            scale, zp = candidate(p)
+            err = (fake_quant_groups(G, scale, zp, grid) - G) ** 2
+            err = _masked(err, mask, 0.0).sum(dim=1, dtype=torch.float64)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_p = torch.where(better, p, best_p)
+            best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+            if zp is not None:
+                best_zp = zp if best_zp is None else torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def quantize_groups(G, scale, zero_point, grid):
+    """Grid values q = grid.round(x / scale + zero_point), one scale per row of G."""
+    x = G / scale[:, None]
+    if zero_point is not None:
+        x = x + zero_point[:, None]
+    return grid.round(x)
+
+
+def dequantize_groups(Q, scale, zero_point):
+    """x_hat = scale * (q - zero_point)."""
+    if zero_point is not None:
+        Q = Q - zero_point[:, None]
+    return Q * scale[:, None]
+
+
+def fake_quant_groups(G, scale, zero_point, grid):
+    return dequantize_groups(quantize_groups(G, scale, zero_point, grid), scale, zero_point)
+
+
+RULES = {"absmax": absmax, "minmax": minmax, "mse": mse, "absmean": absmean, "none": none}
+
+
+def choose_qparams(G, mask, grid, rule: str, symmetric: bool, cast_scale):
+    """Dispatch to a rule; ``cast_scale`` rounds scales to their storage dtype (e.g. fp16)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown scale rule {rule!r}; known: {', '.join(RULES)}")
+    if rule == "mse":
+        return mse(G, mask, grid, symmetric, cast_scale)
+    scale, zero_point = RULES[rule](G, mask, grid)
+    return cast_scale(scale), zero_point

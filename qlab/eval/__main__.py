@@ -1,0 +1,3 @@
+from qlab.eval.metrics import main
+
+main()

@@ -1,0 +1,1 @@
+"""Quantization methods (being unified behind one registry; see issue 10)."""

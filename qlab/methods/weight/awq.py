@@ -1,0 +1,161 @@
+"""AWQ, activation-aware weight quantization (Lin et al. 2024).
+
+A few input channels carry much larger activations than the rest; their weights matter most for the
+output. AWQ protects them without mixed precision: it scales those weight columns *up* by s > 1 before
+rounding (and the activations down by s, folded into the previous op, see ``qlab.models.transforms``):
+
+    Q(W diag(s)) diag(s)^-1 x        instead of        Q(W) x                              (eq. 4-5)
+
+The rounding error of a scaled column shrinks by about 1/s relative to the weight, while the group's
+scale barely moves as long as s is moderate. The scales come from activation statistics only:
+
+    s = mean|x|^alpha,  normalised by sqrt(max(s) min(s)),  alpha in {0, 1/20, ..., 19/20}      (eq. 5)
+
+alpha is chosen by grid search on the output error of all Linears that read the same input (alpha = 0
+is plain round-to-nearest). The reference code (mit-han-lab/llm-awq, ``auto_scale``) measures that error
+at the output of the whole module instead (self-attention for q/k/v, the MLP for gate/up), so that q and k
+errors count through the softmax; qlab uses the Linears' own outputs, which needs no attention forward per
+grid point on a CPU. The two coincide for v -> o_proj and up -> down_proj. Then a clipping search: for each output channel and group, the weight
+range is shrunk to p * max|w| with p in {1, 0.95, ..., 0.55}, keeping the p that minimises that group's
+contribution to the output error (AWQ's reference skips this for q/k projections; so can you).
+
+``awq`` returns the quantized *scaled* weights: the model must hold ``x / s`` at their input, by
+folding ``s`` into the previous op with ``qlab.models.transforms.fold_into_norm`` / ``fold_into_linear``.
+"""
+from dataclasses import dataclass
+import math
+
+import torch
+
+from qlab.core.granularity import PerChannel, PerGroup
+from qlab.core.quant import QuantSpec, QuantizedTensor, fake_quant, quantize, validate
+
+
+def mean_abs(X: torch.Tensor) -> torch.Tensor:
+    """AWQ's activation statistic: mean |x| per input channel over all tokens of X [..., in]."""
+    return X.reshape(-1, X.shape[-1]).abs().float().mean(dim=0)
+
+
+def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^alpha, clamped at 1e-4 and divided by sqrt(max s * min s) (so s straddles 1)."""
+    s = x_mean_abs.float().pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def group_size(spec: QuantSpec, in_features: int) -> int:
+    gran = spec.granularity
+    if isinstance(gran, PerGroup):
+        return gran.size
+    if isinstance(gran, PerChannel) and gran.axis == 0:
+        return in_features
+    raise ValueError(f"AWQ needs per-channel or per-group (along the input) weight scales, got {gran}")
+
+
+def _output_error(X, weights, outputs, fake_weights):
+    return sum(float(((X @ Wq.T - Y) ** 2).mean()) for Wq, Y in zip(fake_weights, outputs)) / len(weights)
+
+
+def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int = 4096):
+    """Grid search of alpha. Returns (s, alpha, losses[n_grid]) with losses the mean squared output error
+    of ``(x / s) Q(W diag(s))^T`` over all the Linears in ``weights`` (each [out_i, in]) that read X.
+    mean|x| uses every token; the output error at most ``n_tokens`` evenly spaced ones (speed, on a CPU)."""
+    spec = QuantSpec.parse(spec)
+    X = X.reshape(-1, X.shape[-1]).float()
+    x_mean = mean_abs(X)
+    X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
+    outputs = [X @ W.float().T for W in weights]
+    losses = torch.zeros(n_grid)
+    for i in range(n_grid):
+        s = awq_scales(x_mean, i / n_grid)
+        fake = [fake_quant(W.float() * s, spec) / s for W in weights]  # the effective weight Q(W s) / s
+        losses[i] = _output_error(X, weights, outputs, fake)
+    best = int(torch.argmin(losses))
+    return awq_scales(x_mean, best / n_grid), best / n_grid, losses
+
+
+def _pad_columns(A: torch.Tensor, g: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of g and split it into groups: [..., in] -> [..., G, g].
+    (A row of 576 in groups of 128: four groups and a last one of 64 real columns plus 64 zeros.)"""
+    pad = -A.shape[-1] % g
+    return torch.nn.functional.pad(A, (0, pad)).reshape(*A.shape[:-1], -1, g)
+
+
+def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_shrink: float = 0.5,
+                n_tokens: int = 512) -> torch.Tensor:
+    """Per output channel and group, the clipping range max_val = p * max|w_group| minimising
+    mean_t ( x_t,g . (w_g - Q(clamp(w_g, -max_val, max_val))) )^2 over (at most ``n_tokens``) tokens.
+    Returns max_val [out, n_groups]."""
+    spec = QuantSpec.parse(spec)
+    out_features, in_features = W.shape
+    g = group_size(spec, in_features)
+    X = X.reshape(-1, in_features).float()
+    X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
+    Xg = _pad_columns(X, g)  # [n, G, g]
+    Wg = _pad_columns(W.float(), g)  # [out, G, g]
+    ref = torch.einsum("ngk,ogk->nog", Xg, Wg)
+    org_max = Wg.abs().amax(dim=-1)  # [out, G]
+    best_err = torch.full_like(org_max, float("inf"))
+    best_max = org_max.clone()
+    for i in range(int(max_shrink * n_grid)):
+        max_val = org_max * (1 - i / n_grid)
+        Wq = fake_quant(apply_clip(W.float(), max_val, g), spec)
+        err = ((torch.einsum("ngk,ogk->nog", Xg, _pad_columns(Wq, g)) - ref) ** 2).mean(dim=0)  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+def apply_clip(W: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each group of ``group_size`` columns of W [out, in] to [-max_val, max_val]
+    (max_val [out, n_groups]; the last group may be shorter)."""
+    g = group_size
+    if max_val.shape != (W.shape[0], math.ceil(W.shape[1] / g)):
+        raise ValueError(f"max_val must be [{W.shape[0]}, {math.ceil(W.shape[1] / g)}], got {tuple(max_val.shape)}")
+    Wg = _pad_columns(W, g)
+    clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
+    return clipped.reshape(W.shape[0], -1)[:, : W.shape[1]]
+
+
+@dataclass
+class AWQResult:
+    """s: the per-input-channel scales to fold into the previous op; alpha: the chosen exponent;
+    losses: output error for each alpha on the grid; qweights: QuantizedTensor of clip(W diag(s))
+    for each Linear; max_val: the clipping ranges (None if the clip search was skipped)."""
+
+    s: torch.Tensor
+    alpha: float
+    losses: torch.Tensor
+    qweights: list
+    max_val: list | None
+
+
+def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQResult:
+    """AWQ for the Linears ``weights`` (tensors [out_i, in] or nn.Linears) that all read inputs X [..., in].
+    ``clip``: run the clipping search (a bool, or one bool per weight: the reference skips q and k).
+
+    >>> W = torch.randn(8, 64); X = torch.randn(256, 64) * torch.linspace(0.1, 4, 64)
+    >>> r = awq([W], X, "int3-g32-asym-minmax"); r.qweights[0].shape, r.s.shape
+    ((8, 64), torch.Size([64]))
+    """
+    spec = QuantSpec.parse(spec)
+    single = isinstance(weights, (torch.Tensor, torch.nn.Linear))
+    weights = [weights] if single else list(weights)
+    weights = [w.weight.data if isinstance(w, torch.nn.Linear) else w for w in weights]
+    validate(X, "calibration inputs")
+    for W in weights:
+        validate(W, "weight")
+        if W.dim() != 2 or W.shape[1] != X.shape[-1]:
+            raise ValueError(f"weights must be [out, {X.shape[-1]}] to read these inputs, got {tuple(W.shape)}")
+        group_size(spec, W.shape[1])
+    clips = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
+    if len(clips) != len(weights):
+        raise ValueError(f"clip must be a bool or one bool per weight ({len(weights)}), got {clip!r}")
+    s, alpha, losses = search_scale(weights, X, spec, n_grid)
+    scaled = [W.float() * s for W in weights]
+    max_val = [search_clip(Ws, X / s, spec) if c else None for Ws, c in zip(scaled, clips)]
+    g = group_size(spec, X.shape[-1])
+    scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, max_val)]
+    max_val = None if not any(clips) else max_val
+    qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
+    return AWQResult(s=s, alpha=alpha, losses=losses, qweights=qweights, max_val=max_val)

@@ -1,0 +1,72 @@
+"""FP grids against torch's own float casts (the outside reference), over every code and random data."""
+import pytest
+import torch
+
+from qlab.core.formats import get_grid
+
+TORCH_DTYPES = {
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _bits_of(values, dtype):
+    view = torch.uint8 if dtype.itemsize == 1 else torch.int16
+    return values.to(dtype).view(view).to(torch.int64) & (2 ** (8 * dtype.itemsize) - 1)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_decode_all_256_codes_matches_torch(name):
+    grid, dtype = get_grid(name), TORCH_DTYPES[name]
+    codes = torch.arange(256)
+    ours = grid.decode(codes)
+    theirs = codes.to(torch.uint8).view(dtype).float()
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    finite = ~torch.isnan(theirs)
+    assert torch.equal(ours[finite], theirs[finite])
+    assert torch.equal(torch.signbit(ours[finite]), torch.signbit(theirs[finite]))
+    real = torch.isfinite(theirs)
+    assert torch.equal(grid.encode(ours[real]), codes[real])
+
+
+@pytest.mark.parametrize("name", list(TORCH_DTYPES))
+def test_round_is_bit_exact_with_torch_cast(name, gen):
+    grid, dtype = get_grid(name), TORCH_DTYPES[name]
+    magnitudes = torch.logspace(-9, 5, 50_000)
+    x = torch.randn(50_000, generator=gen) * magnitudes
+    x = x.clamp(-grid.max, grid.max)
+    ours, theirs = grid.round(x), x.to(dtype).float()
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))
+    assert torch.equal(grid.encode(ours), _bits_of(x, dtype))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_ties_round_to_even_like_torch(name):
+    grid, dtype = get_grid(name), TORCH_DTYPES[name]
+    levels = grid.levels
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    assert torch.equal(grid.round(midpoints), midpoints.to(dtype).float())
+
+
+def test_known_constants():
+    e4m3, e5m2, fp16, bf16 = (get_grid(n) for n in ["fp8_e4m3", "fp8_e5m2", "fp16", "bf16"])
+    assert e4m3.levels.max() == 448 and e4m3.min_subnormal == 2**-9 and e4m3.min_normal == 2**-6
+    assert e5m2.levels.max() == 57344 and e5m2.min_subnormal == 2**-16
+    assert fp16.eps == torch.finfo(torch.float16).eps and bf16.eps == torch.finfo(torch.bfloat16).eps
+    assert fp16.levels.max() == torch.finfo(torch.float16).max
+
+
+def test_fp4_e2m1_levels_match_the_ocp_mx_table():
+    # OCP Microscaling Formats spec v1.0, table of E2M1 values
+    expected = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    levels = get_grid("fp4_e2m1").levels
+    assert levels[levels >= 0].tolist() == expected
+    assert levels[levels <= 0].tolist() == [-v for v in reversed(expected)]
+
+
+def test_saturates_instead_of_overflowing():
+    assert get_grid("fp8_e4m3").round(torch.tensor([1e6, -500.0])).tolist() == [448.0, -448.0]
+    assert get_grid("fp8_e5m2").round(torch.tensor([1e9])).tolist() == [57344.0]

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from qlab.core.packing import pack, unpack, packed_nbytes
+
+
+def test_two_nibbles_per_byte_low_first():
+    assert pack(torch.tensor([1, 2, 15]), 4).tolist() == [0x21, 0x0F]
+
+
+def test_three_bit_codes_straddle_bytes():
+    # codes 1..8 of 3 bits: stream (LSB first) 001 010 011 100 101 110 111 000 -> 3 bytes
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
+    stream = sum(int(c) << (3 * i) for i, c in enumerate(codes))
+    assert pack(codes, 3).tolist() == [(stream >> (8 * k)) & 0xFF for k in range(3)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1000])
+def test_round_trip_every_width(bits, n, gen):
+    codes = torch.randint(0, 2**bits, (n,), generator=gen)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits)
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_rejects_codes_out_of_range_and_odd_widths():
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack(torch.tensor([16]), 4)
+    with pytest.raises(ValueError, match="1 to 8 or 16"):
+        pack(torch.tensor([1]), 12)

@@ -1,0 +1,115 @@
+"""Perplexity, KL divergence and top-1 agreement: hand examples, transformers' own loss, and RTN."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import embedded as emb
+from embedded import embedded  # noqa: F401
+from qlab.models.walker import quantize_model, weight_only
+from qlab.eval import evaluate, paired_ppl_ratio, perplexity, reference_logprobs
+
+
+class FixedLM(torch.nn.Module):
+    """Returns the same logits row (a fixed next-token distribution) at every position."""
+
+    def __init__(self, logits_row):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.as_tensor(logits_row, dtype=torch.float32))
+
+    def forward(self, input_ids, use_cache=False):
+        b, n = input_ids.shape
+        return SimpleNamespace(logits=self.row.expand(b, n, -1))
+
+
+def test_perplexity_by_hand():
+    # uniform over 4 tokens: every token costs log 4, PPL = 4
+    assert perplexity(FixedLM([0.0, 0, 0, 0]), torch.tensor([[0, 1, 2, 3]]), progress=False) == pytest.approx(4.0)
+    # p = (1/2, 1/4, 1/4): window [0, 1, 0] scores tokens 1 and 0 -> PPL = exp((log 4 + log 2) / 2) = sqrt(8)
+    lm = FixedLM(torch.log(torch.tensor([0.5, 0.25, 0.25])))
+    assert perplexity(lm, torch.tensor([[0, 1, 0]]), progress=False) == pytest.approx(math.sqrt(8))
+
+
+def test_kl_and_top1_by_hand():
+    windows = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.3, 0.5])
+    ref = reference_logprobs(FixedLM(p.log()), windows, dtype=torch.float32, progress=False)
+    out = evaluate(FixedLM(q.log()), windows, ref, batch_size=2, progress=False)
+    kl = float((p * (p / q).log()).sum())  # 0.5 ln 2.5 + 0.2 ln 0.4 = 0.2749
+    assert out["kl_mean"] == pytest.approx(kl, rel=1e-5) and out["kl_median"] == pytest.approx(kl, rel=1e-5)
+    assert out["kl_mean"] == pytest.approx(float(F.kl_div(q.log(), p, reduction="sum")), rel=1e-5)
+    assert out["top1"] == 0.0  # argmax P = 0, argmax Q = 2
+    assert out["n_tokens"] == 4 and out["ppl_ref"] == pytest.approx(ref.perplexity)
+
+
+def test_reference_must_match_windows():
+    lm = FixedLM([0.0, 0.0])
+    ref = reference_logprobs(lm, torch.tensor([[0, 1]]), progress=False)
+    with pytest.raises(ValueError, match="different windows"):
+        evaluate(lm, torch.tensor([[1, 0]]), ref, progress=False)
+    with pytest.raises(ValueError, match="n_windows, seq_len"):
+        evaluate(lm, torch.tensor([0, 1]), progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(embedded):
+    model, _ = embedded
+    return reference_logprobs(model, emb.windows(128, 4), progress=False)
+
+
+@pytest.mark.model
+def test_perplexity_equals_transformers_loss(embedded, reference):
+    """Our NLL per window is transformers' own shifted cross-entropy (labels=input_ids)."""
+    model, _ = embedded
+    w = emb.windows(128, 4)
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[i : i + 1], labels=w[i : i + 1]).loss) for i in (0, 3)]
+    assert reference.nll.mean(1)[[0, 3]].tolist() == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.model
+def test_identity_gives_zero_kl_and_full_agreement(embedded, reference):
+    model, _ = embedded
+    same, _ = quantize_model(model, {})  # empty recipe: every layer stays float
+    out = evaluate(same, reference.windows, reference, batch_size=2, progress=False)
+    assert out["kl_mean"] == 0.0 and out["kl_p99"] == 0.0 and out["top1"] == 1.0
+    assert out["ppl"] == pytest.approx(reference.perplexity, rel=1e-6)
+
+
+@pytest.mark.model
+def test_int8_channel_close_and_int2_tensor_far(embedded, reference):
+    """On 4 windows of 128 tokens int8 per-channel moves PPL by < 1 % (measured -0.7 %)."""
+    model, _ = embedded
+    q8, _ = quantize_model(model, weight_only("int8-channel-sym-absmax"))
+    r8 = evaluate(q8, reference.windows, reference, progress=False)
+    del q8
+    assert abs(r8["delta_ppl_pct"]) < 1.0
+    assert 0 < r8["kl_mean"] < 0.01 and r8["top1"] > 0.9
+    q2, _ = quantize_model(model, weight_only("int2-tensor-sym-absmax"))
+    r2 = evaluate(q2, reference.windows, reference, progress=False)
+    del q2
+    assert r2["ppl"] > 10 * reference.perplexity
+    assert r2["kl_mean"] > 100 * r8["kl_mean"] and r2["top1"] < 0.5
+
+
+def test_paired_ppl_ratio_by_hand():
+    # differences d = [0.1, 0.3]: mean 0.2, sd 0.141421 (n - 1), half-width 1.96 * 0.141421 / sqrt(2) = 0.196
+    r = paired_ppl_ratio([3.1, 2.3], [3.0, 2.0])
+    assert r["ratio"] == pytest.approx(math.exp(0.2))
+    assert r["ci95"] == pytest.approx((math.exp(0.2 - 0.196), math.exp(0.2 + 0.196)), rel=1e-6)
+    assert r["a_better"] == 0 and r["n_windows"] == 2
+    same = paired_ppl_ratio([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same["ratio"] == 1 and same["ci95"] == (1, 1)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_ppl_ratio([1.0, 2.0], [1.0])
+
+
+def test_window_nll_by_hand():
+    # p = (1/2, 1/4, 1/4): window [0, 1, 0] costs (log 4 + log 2) / 2, window [1, 0, 0] costs log 2
+    lm = FixedLM(torch.log(torch.tensor([0.5, 0.25, 0.25])))
+    out = evaluate(lm, torch.tensor([[0, 1, 0], [1, 0, 0]]), progress=False)
+    assert out["window_nll"] == pytest.approx([1.5 * math.log(2), math.log(2)])
+    assert sum(out["window_nll"]) / 2 == pytest.approx(out["nll"])

@@ -1,0 +1,183 @@
+"""Resumable sweeps: results keyed by config hash, a killed run loses nothing finished."""
+import json
+
+import pytest
+
+import embedded as emb
+from qlab.eval import sweep
+from qlab.models.walker import weight_only
+
+PROTOCOL = sweep.EvalProtocol(seq_len=32, n_windows=2, pick="first")
+
+
+class ByteTokenizer:
+    """Token = byte value (vocabulary 256): enough to drive a tiny model through the real data path."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def _load(name):
+    return emb.tiny_llama(vocab=256, hidden=64, layers=2), ByteTokenizer()
+
+
+def _configs(bad_second=False):
+    second = {"*.no_such_layer": "int4"} if bad_second else weight_only("int4-g32-asym-minmax")
+    return [
+        {"label": "int8", "model": "tiny", "recipe": weight_only("int8-channel-sym-absmax")},
+        {"label": "int4 g32", "model": "tiny", "recipe": second},
+        {"label": "int2", "model": "tiny", "recipe": weight_only("int2-tensor-sym-absmax")},
+    ]
+
+
+def test_config_key_ignores_label_but_not_recipe_or_protocol():
+    a, b = _configs()[:2]
+    assert sweep.config_key(a, PROTOCOL) == sweep.config_key({**a, "label": "renamed"}, PROTOCOL)
+    assert sweep.config_key(a, PROTOCOL) != sweep.config_key(b, PROTOCOL)
+    assert sweep.config_key(a, PROTOCOL) != sweep.config_key(a, sweep.EvalProtocol(seq_len=64, n_windows=2))
+    assert sweep.config_key(a, PROTOCOL) == sweep.config_key({**a, "mode": "fake"}, PROTOCOL)
+
+
+def test_resume_after_a_crash_redoes_nothing(tmp_path, monkeypatch):
+    calls = []
+    real_run_one = sweep.run_one
+    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
+
+    # 1st run dies on the second config (its pattern matches no layer) after the first finished
+    with pytest.raises(ValueError, match="matches no linear"):
+        sweep.run_sweep(_configs(bad_second=True), PROTOCOL, tmp_path, progress=False, load=_load)
+    assert calls == ["int8", "int4 g32"]
+    first = tmp_path / f"{sweep.config_key(_configs()[0], PROTOCOL)}.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no half-written files
+    stamp = first.stat().st_mtime_ns
+
+    # 2nd run (fixed grid) computes only the two missing configs
+    calls.clear()
+    df = sweep.run_sweep(_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
+    assert calls == ["int4 g32", "int2"]
+    assert first.stat().st_mtime_ns == stamp
+    assert list(df.label) == ["int8", "int4 g32", "int2"]
+    assert df.aligned_q4_1.tolist() == [False, True, False]
+    assert (df.ppl_ref == df.ppl_ref[0]).all() and df.top1.between(0, 1).all()
+    assert df.loc[0, "quantized_bpw"] < df.loc[1, "quantized_bpw"] + 8  # sane numbers, and:
+    assert df.loc[2, "kl_mean"] > df.loc[0, "kl_mean"]  # int2 per-tensor hurts more than int8
+
+    # 3rd run: nothing to do, same table
+    calls.clear()
+    again = sweep.run_sweep(_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
+    assert calls == [] and again.equals(df)
+    assert json.loads(first.read_text())["key"] == first.stem
+
+
+def test_duplicate_configs_rejected(tmp_path):
+    c = _configs()[0]
+    with pytest.raises(ValueError, match="identical"):
+        sweep.run_sweep([c, {**c, "label": "again"}], PROTOCOL, tmp_path, progress=False, load=_load)
+
+
+def test_pareto_front_by_hand():
+    import pandas as pd
+
+    df = pd.DataFrame({"quantized_bpw": [8, 4, 4.5, 3, 5], "ppl": [30, 32, 31, 40, 33]})
+    assert sweep.pareto_front(df).index.tolist() == [3, 1, 2, 0]  # (5, 33) is dominated by (4.5, 31)
+
+
+def test_rtn_grid_is_the_issue_grid():
+    grid = sweep.rtn_grid()
+    assert len(grid) == 6 * 4 * 2 + 2
+    specs = [c["recipe"]["model.layers.*"] for c in grid]
+    assert "int3-g64-asym-minmax" in specs and "int8-channel-sym-absmax" in specs
+    assert specs[-2:] == ["nf4-b64-sym-absmax", "fp8_e4m3-channel-sym-absmax"]
+
+
+CHILD = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+import test_sweep as t
+from qlab.eval import sweep
+real = sweep.run_one
+def run_one(config, session):
+    if config["label"] == "int4 g32":  # the second config never finishes: the parent kills us here
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    return real(config, session)
+sweep.run_one = run_one
+sweep.run_sweep(t._configs(), t.PROTOCOL, {results!r}, progress=False, load=t._load)
+"""
+
+
+def test_killed_sweep_process_loses_nothing_finished(tmp_path, monkeypatch):
+    """A sweep in another process is SIGKILLed while working on its second configuration; a re-run
+    computes only the second and third."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    results, marker = tmp_path / "results", tmp_path / "working-on-second"
+    code = CHILD.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), marker=str(marker), results=str(results))
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, "the sweep process died before reaching its second configuration"
+            assert time.monotonic() < deadline, "the sweep process never reached its second configuration"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    first = results / f"{sweep.config_key(_configs()[0], PROTOCOL)}.json"
+    assert sorted(p.name for p in results.iterdir()) == [first.name]
+    stamp = first.stat().st_mtime_ns
+
+    calls = []
+    real_run_one = sweep.run_one
+    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
+    df = sweep.run_sweep(_configs(), PROTOCOL, results, progress=False, load=_load)
+    assert calls == ["int4 g32", "int2"]
+    assert first.stat().st_mtime_ns == stamp
+    assert list(df.label) == ["int8", "int4 g32", "int2"]
+
+
+def _calibrated_configs():
+    spec = "int4-g32-asym-minmax"
+    return [
+        {"label": "RTN", "model": "tiny", "recipe": weight_only(spec)},
+        {"label": "GPTQ", "model": "tiny", "method": "gptq", "spec": spec, "calib_windows": 4},
+        {"label": "W8A8", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax", "calib_windows": 4},
+        {"label": "SmoothQuant", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax",
+         "calib_windows": 4, "options": {"alpha": 0.5}},
+    ]
+
+
+def test_calibrated_methods_in_a_sweep(tmp_path):
+    """GPTQ and W8A8 rows sit in the same table as RTN: same windows, same size accounting."""
+    df = sweep.run_sweep(_calibrated_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
+    assert df.method.tolist() == ["rtn", "gptq", "w8a8", "w8a8"]
+    assert df.calib_windows.tolist() == [0, 4, 4, 4]
+    assert df.quantized_bpw[0] == df.quantized_bpw[1]  # GPTQ stores the same grid as RTN
+    assert df.quantized_bpw[2] == df.quantized_bpw[3] > 8  # int8 codes + an fp16 scale per row
+    assert df.kl_mean[1] < df.kl_mean[0]  # GPTQ closer to the float model than RTN on the same grid
+    assert df.top1.between(0, 1).all()
+    # the calibration windows come from the calibration articles, which the evaluation never sees
+    model, tokenizer = _load("tiny")
+    session = sweep._Session(PROTOCOL, 1, _load, False)
+    calib = session.calibration("tiny", 4)
+    evals = session.reference("tiny").windows
+    assert calib.shape == (4, PROTOCOL.seq_len)
+    assert not {tuple(w) for w in calib.tolist()} & {tuple(w) for w in evals.tolist()}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"method": "zeroshot", "spec": "int4"}, "unknown method"),
+    ({"method": "gptq"}, "needs a 'spec'"),
+    ({"method": "rtn"}, "needs a 'recipe'"),
+    ({"method": "w8a8", "spec": "int4"}, "int8-channel-sym-absmax"),
+])
+def test_bad_method_configs(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep([{"model": "tiny", **config}], PROTOCOL, tmp_path, progress=False, load=_load)
