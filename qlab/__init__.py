@@ -1,15 +1,31 @@
 """qlab: a research workbench for LLM quantization.
 
-The package computes; the notebooks in ``notebooks/`` narrate and plot. The core is three ideas:
+The package computes; the notebooks in ``notebooks/`` narrate and plot. Its layers, each importing only
+from the ones before it:
 
-* a **grid** (``qlab.core.formats``): the finite set of values a code can stand for (int4, FP8, NF4, ...);
-* a **granularity** (``qlab.core.granularity``): which elements share one scale (tensor, channel, group);
-* a **scale rule** (``qlab.core.scales``): how that scale (and zero point) is chosen (absmax, min-max, MSE).
+* ``qlab.core``       the representation: grids, granularity, scale rules, QuantSpec, the quantized-tensor
+                      protocol (QuantizedTensor, CodebookTensor), quantize / dequantize / fake_quant(_ste)
+* ``qlab.gguf``       llama.cpp's block formats byte for byte, its mixes, .gguf files (GGUFTensor)
+* ``qlab.kernels``    Triton kernels, each beside its torch reference
+* ``qlab.methods``    every method behind one signature in one registry (``METHODS``): RTN, GPTQ, AWQ,
+                      GGUF types, W8A8 with or without SmoothQuant, LLM.int8()
+* ``qlab.models``     loading, WikiText-2 windows, calibration hooks, transforms, quantized modules and
+                      the one walker that applies a recipe of methods to a model
+* ``qlab.eval``       perplexity / KL / top-1 against the float model, and resumable sweeps
+* ``qlab.study``      theory, precision, memory, grid alignment, roofline, plots
+* ``qlab.benchmarks`` scripts that time qlab against peers (``python -m qlab.benchmarks.<name>``)
 
-``qlab.core.quant.QuantSpec`` bundles the three; ``quantize`` turns a tensor into a packed
-``QuantizedTensor`` and ``dequantize`` turns it back.
+The everyday entry points are re-exported here:
+
+>>> from qlab import quantize, QuantSpec
+>>> quantize(torch.randn(4, 64), "int4-g32-asym-minmax").bits_per_weight
+4.75
 """
-from qlab.core.quant import QuantSpec, QuantizedTensor, quantize, dequantize, fake_quant
+from qlab.core.quant import dequantize, fake_quant, fake_quant_ste, quantize
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import CodebookTensor, QTensor, QuantizedTensor, load_qtensor, save_qtensor
+from qlab import gguf  # noqa: E402,F401  (registers GGUFTensor with load_qtensor)
 
-__all__ = ["QuantSpec", "QuantizedTensor", "quantize", "dequantize", "fake_quant"]
-__version__ = "0.1.0"
+__all__ = ["QuantSpec", "QuantizedTensor", "CodebookTensor", "QTensor", "quantize", "dequantize", "fake_quant",
+           "fake_quant_ste", "save_qtensor", "load_qtensor"]
+__version__ = "0.2.0"

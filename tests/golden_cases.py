@@ -120,9 +120,8 @@ def _model_digests(prefix, model, tokens):
 
 def model_cases():
     """Whole-model paths on a tiny random Llama (256 wide, so k-quants apply)."""
-    from qlab.models.walker import quantize_model
-    from qlab.methods.weight.gguf import apply_mix
-    from qlab.eval.sweep import METHODS
+    from qlab.eval.sweep import config_recipe
+    from qlab.models.walker import apply_mix, quantize_model
 
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, 128, (8, 32), generator=g)
@@ -145,8 +144,9 @@ def model_cases():
                                   ("w8a8", "int8-channel-sym-absmax", {"alpha": 0.5, "act": "static"})]:
         m = copy.deepcopy(base)
         key = f"walker/{method}/{spec}/{sorted(options.items())}"
-        quantized = METHODS[method](m, calib, spec, **options)
-        for name, qt in quantized.items():
+        recipe, walker_options = config_recipe({"method": method, "spec": spec, "options": options})
+        _, size = quantize_model(m, recipe, calib, inplace=True, **walker_options)
+        for name, qt in size.qtensors.items():
             out[f"{key}/{name}"] = digest(qt.dequantize())
         with torch.no_grad():
             out[f"{key}/logits"] = digest(m(input_ids=tokens).logits)

@@ -18,7 +18,6 @@ import time
 
 import torch
 
-from qlab.models.sequential import awq_model, gptq_model
 from qlab.models.walker import quantize_model, weight_only
 from qlab.models.data import wikitext2_windows
 from qlab.eval import evaluate, paired_ppl_ratio
@@ -57,12 +56,11 @@ def main(argv=None):
         rtn_nll = out["window_nll"]
         report(method="rtn", spec=args.spec, ppl=out["ppl"])
         del rtn_model
-    walkers = {"gptq": lambda m: gptq_model(m, calib, args.spec, act_order=args.act_order),
-               "awq": lambda m: awq_model(m, calib, args.spec)}
-    for name in [m for m in methods if m in walkers]:
-        quantized = copy.deepcopy(model)
+    entries = {"gptq": {"method": "gptq", "spec": args.spec, "act_order": args.act_order},
+               "awq": {"method": "awq", "spec": args.spec}}
+    for name in [m for m in methods if m in entries]:
         t0 = time.perf_counter()
-        walkers[name](quantized)
+        quantized, _ = quantize_model(model, weight_only(entries[name]), calib, progress=True)
         seconds = time.perf_counter() - t0
         out = evaluate(quantized, evals, progress=False)
         vs_rtn = {} if rtn_nll is None else {"vs_rtn": paired_ppl_ratio(out["window_nll"], rtn_nll)}

@@ -37,7 +37,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qlab.models.sequential import gptq_model
 from qlab.models.walker import quantize_model, weight_only
 from qlab.models.data import wikitext2_windows
 from qlab.eval import evaluate, reference_logprobs
@@ -171,11 +170,10 @@ def qlab_rtn(ctx: Context, spec: str) -> dict:
 
 
 def qlab_gptq(ctx: Context, spec: str) -> dict:
-    model = copy.deepcopy(ctx.model)
     c0, t0 = time.process_time(), time.perf_counter()
-    qts = gptq_model(model, ctx.calib, spec, progress=False)
+    model, size = quantize_model(ctx.model, weight_only(f"gptq:{spec}"), ctx.calib)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    bpw = 8 * sum(qt.nbytes for qt in qts.values()) / sum(qt.numel for qt in qts.values())
+    bpw = size.quantized_bpw
     return dict(implementation="qlab", method="GPTQ", spec=spec, calib=len(ctx.calib), bpw=bpw,
                 seconds=seconds, cpu_seconds=cpu, **ctx.score(model))
 

@@ -41,6 +41,13 @@ def _range_qparams(xmin, xmax, grid):
     return scale, zero_point
 
 
+def minmax_float(G, mask, grid):
+    """(scale, minimum) of the float-minimum affine form: the group's own range, 0 not forced in."""
+    xmin = _masked(G, mask, float("inf")).amin(dim=1)
+    xmax = _masked(G, mask, float("-inf")).amax(dim=1)
+    return (xmax - xmin) / (grid.qmax - grid.qmin), xmin
+
+
 def absmean(G, mask, grid):
     n = G.shape[1] if mask is None else mask.sum(dim=1)
     return G.abs().sum(dim=1) / n, None
@@ -50,7 +57,7 @@ def none(G, mask, grid):
     return torch.ones(G.shape[0], dtype=G.dtype), None
 
 
-def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01):
+def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01, float_min=False, cast_min=None):
     """Search the clipping ratio p per group for the least squared error (see module docstring).
 
     Two passes: ``coarse`` ratios spaced geometrically from 1 down to ``min_ratio`` (heavy-tailed
@@ -66,6 +73,8 @@ def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01
     def candidate(p):  # p: one clipping ratio per group
         if symmetric:
             return cast_scale(full_scale * p), None
+        if float_min:
+            return cast_scale(p * (xmax - xmin) / (grid.qmax - grid.qmin)), cast_min(p * xmin)
         scale, zp = _range_qparams(p * xmin, p * xmax, grid)
         return cast_scale(scale), zp
 
@@ -79,7 +88,8 @@ def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01
             torch.clamp(best_p * step ** (2 * j / (fine - 1) - 1), max=1.0) for j in range(fine)]
         for p in ratios:
             scale, zp = candidate(p)
-            err = (fake_quant_groups(G, scale, zp, grid) - G) ** 2
+            err = (fake_quant_groups(G, scale, None, grid, zp) if float_min else fake_quant_groups(G, scale, zp, grid)) - G
+            err = err**2
             err = _masked(err, mask, 0.0).sum(dim=1, dtype=torch.float64)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -90,33 +100,44 @@ def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01
     return best_scale, best_zp
 
 
-def quantize_groups(G, scale, zero_point, grid):
-    """Grid values q = grid.round(x / scale + zero_point), one scale per row of G."""
+def quantize_groups(G, scale, zero_point, grid, minimum=None):
+    """Grid values q = grid.round(x / scale + zero_point) (or grid.round((x - minimum) / scale) on the
+    unsigned grids that float minima use), one scale per row of G."""
+    if minimum is not None:
+        return grid.round((G - minimum[:, None]) / scale[:, None])
     x = G / scale[:, None]
     if zero_point is not None:
         x = x + zero_point[:, None]
     return grid.round(x)
 
 
-def dequantize_groups(Q, scale, zero_point):
-    """x_hat = scale * (q - zero_point)."""
+def dequantize_groups(Q, scale, zero_point, minimum=None):
+    """x_hat = scale * (q - zero_point)   (or scale * q + minimum)."""
+    if minimum is not None:
+        return Q * scale[:, None] + minimum[:, None]
     if zero_point is not None:
         Q = Q - zero_point[:, None]
     return Q * scale[:, None]
 
 
-def fake_quant_groups(G, scale, zero_point, grid):
-    return dequantize_groups(quantize_groups(G, scale, zero_point, grid), scale, zero_point)
+def fake_quant_groups(G, scale, zero_point, grid, minimum=None):
+    return dequantize_groups(quantize_groups(G, scale, zero_point, grid, minimum), scale, zero_point, minimum)
 
 
 RULES = {"absmax": absmax, "minmax": minmax, "mse": mse, "absmean": absmean, "none": none}
 
 
-def choose_qparams(G, mask, grid, rule: str, symmetric: bool, cast_scale):
-    """Dispatch to a rule; ``cast_scale`` rounds scales to their storage dtype (e.g. fp16)."""
+def choose_qparams(G, mask, grid, rule: str, symmetric: bool, cast_scale, float_min=False, cast_min=None):
+    """Dispatch to a rule; ``cast_scale`` (``cast_min``) rounds scales (minima) to their storage dtype.
+    Returns (scale, zero_point), or (scale, minimum) with ``float_min``."""
     if rule not in RULES:
         raise ValueError(f"unknown scale rule {rule!r}; known: {', '.join(RULES)}")
     if rule == "mse":
-        return mse(G, mask, grid, symmetric, cast_scale)
+        return mse(G, mask, grid, symmetric, cast_scale, float_min=float_min, cast_min=cast_min)
+    if float_min:
+        if rule != "minmax":
+            raise ValueError(f"a float minimum comes with the minmax or mse rule, not {rule!r}")
+        scale, minimum = minmax_float(G, mask, grid)
+        return cast_scale(scale), cast_min(minimum)
     scale, zero_point = RULES[rule](G, mask, grid)
     return cast_scale(scale), zero_point

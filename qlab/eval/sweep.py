@@ -7,10 +7,16 @@ A configuration is a plain dict::
      "recipe": {"model.layers.*": "int4-g128-asym-minmax"},
      "mode": "fake"}                                  # optional, "fake" (default) or "packed"
 
-or, for a calibrated method (see :data:`METHODS`: GPTQ, AWQ, W8A8 with or without SmoothQuant)::
+or, for a calibrated method on every block Linear (any method of ``qlab.methods.METHODS``)::
 
     {"label": "GPTQ int4 g128", "method": "gptq", "spec": "int4-g128-asym-minmax",
      "calib_windows": 32, "options": {"act_order": False}}  # options go to the method
+
+A recipe may mix methods per layer (``qlab.models.walker``), calibrated ones included::
+
+    {"label": "GPTQ 4-bit, 8-bit ends", "calib_windows": 32,
+     "recipe": {"model.embed_tokens": "int8-channel-sym-absmax", "lm_head": "int8-channel-sym-absmax",
+                "model.layers.*": "gptq:int4-g128-asym-minmax"}}
 
 whose calibration windows come from the protocol's calibration articles (never the evaluated ones),
 and an evaluation protocol (:class:`EvalProtocol`) says which windows are scored. Each finished
@@ -71,8 +77,8 @@ def config_key(config: dict, protocol: EvalProtocol) -> str:
 def aligned_q4_1(recipe: dict) -> bool:
     """Does any spec of the recipe group weights in blocks of 32 (the Q4_1 checkpoint's blocks)?"""
     for spec in recipe.values():
-        s = str(spec)
-        if s == "q4_1" or "-g32-" in s + "-" or "-b32-" in s + "-":
+        s = str(spec).lower()
+        if s in ("q4_1", "gguf:q4_1") or "-g32-" in s + "-" or "-b32-" in s + "-":
             return True
     return False
 
@@ -120,69 +126,55 @@ def _default_load(name):
     return load_model(name)
 
 
-# ---- calibrated methods: (model copy, calibration windows, spec, **options) -> {linear name: QuantizedTensor}
-def _gptq(model, calib, spec, **options):
-    from qlab.models.sequential import gptq_model
-
-    return gptq_model(model, calib, spec, progress=False, **options)
+# options of a method configuration that belong to the walker rather than to the method
+WALKER_OPTIONS = ("true_sequential", "batch_size")
 
 
-def _awq(model, calib, spec, **options):
-    from qlab.models.sequential import awq_model
+def config_recipe(config: dict) -> tuple[dict, dict]:
+    """(recipe, walker options) of a configuration: its 'recipe', or for a calibrated-method configuration
+    ``{"method", "spec", "options"}`` every block Linear with that method (W8A8 with an ``alpha`` option is
+    SmoothQuant)."""
+    from qlab.models.walker import weight_only
 
-    return awq_model(model, calib, spec, progress=False, **options)
-
-
-def _w8a8(model, calib, spec, act="token", alpha=None):
-    """int8 weights per output channel and int8 activations (``act``: token, tensor or static);
-    ``alpha`` set: SmoothQuant scales with that migration strength folded into the RMSNorms first."""
-    from qlab.methods.activation.smoothquant import smooth_model, w8a8_model
-    from qlab.models.calib import input_stats
-
-    if spec != "int8-channel-sym-absmax":
-        raise ValueError(f"the w8a8 method quantizes weights as int8-channel-sym-absmax, got spec {spec!r}")
-    def act_max():  # per-channel max|x| of every block Linear's input, on the model as it is now
-        stats = input_stats(model, calib, pattern="model.layers.*", percentiles=(), progress=False)
-        return {n: st.max_abs for n, st in stats.items()}
-
-    if alpha is not None:
-        smooth_model(model, act_max(), alpha=alpha)
-    replaced = w8a8_model(model, act=act, act_max=act_max() if act == "static" else None, pattern="model.layers.")
-    return {name: layer.qweight for name, layer in replaced.items()}
-
-
-METHODS = {"gptq": _gptq, "awq": _awq, "w8a8": _w8a8}
+    method = config.get("method", "rtn")
+    if method == "rtn" or "recipe" in config:
+        if "recipe" not in config:
+            raise ValueError(f"an RTN configuration needs a 'recipe', got keys {sorted(config)}")
+        return config["recipe"], {}
+    if "spec" not in config or config.get("mode", "fake") != "fake":
+        raise ValueError(f"method {method!r} needs a 'spec' and works in fake-quant mode")
+    options = dict(config.get("options", {}))
+    walker_options = {k: options.pop(k) for k in WALKER_OPTIONS if k in options}
+    if method == "w8a8" and options.get("alpha") is not None:
+        method = "smoothquant"
+    options = {k: v for k, v in options.items() if not (k == "alpha" and v is None)}
+    return weight_only({"method": method, "spec": config["spec"], **options}), walker_options
 
 
 def _calib_windows(config: dict) -> int:
-    """How many calibration windows a configuration uses (0 for RTN, which uses none)."""
-    return 0 if config.get("method", "rtn") == "rtn" else config.get("calib_windows", 32)
+    """How many calibration windows a configuration uses (0 when no method in it calibrates)."""
+    from qlab.methods import get_method
+    from qlab.models.walker import entry
+
+    recipe, _ = config_recipe(config)
+    entries = [entry(v) for v in recipe.values()]
+    needs = any(e is not None and (get_method(e.method).wants_inputs(e.options) or get_method(e.method).folds_into)
+                for e in entries)
+    return config.get("calib_windows", 32) if needs else 0
 
 
 def _quantize(config: dict, model, session):
     """(quantized model, SizeReport, the recipe it amounts to) for one configuration."""
-    import copy
-
-    from qlab.models.walker import size_report, weight_only
-
-    method = config.get("method", "rtn")
-    if method == "rtn":
-        if "recipe" not in config:
-            raise ValueError(f"an RTN configuration needs a 'recipe', got keys {sorted(config)}")
-        qmodel, size = quantize_model(model, config["recipe"], mode=config.get("mode", "fake"))
-        return qmodel, size, config["recipe"]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: rtn, {', '.join(METHODS)}")
-    if "spec" not in config or config.get("mode", "fake") != "fake":
-        raise ValueError(f"method {method!r} needs a 'spec' and works in fake-quant mode")
-    calib = session.calibration(config.get("model", EMBEDDED), _calib_windows(config))
-    qmodel = copy.deepcopy(model)
-    quantized = METHODS[method](qmodel, calib, config["spec"], **config.get("options", {}))
-    return qmodel, size_report(model, quantized), weight_only(config["spec"])
+    recipe, walker_options = config_recipe(config)
+    n_calib = _calib_windows(config)
+    calib = session.calibration(config.get("model", EMBEDDED), n_calib) if n_calib else None
+    qmodel, size = quantize_model(model, recipe, calib, mode=config.get("mode", "fake"), **walker_options)
+    return qmodel, size, recipe
 
 
 def run_one(config: dict, session: _Session) -> dict:
     from qlab.eval import evaluate
+    from qlab.models.walker import entry
 
     name = config.get("model", EMBEDDED)
     model, _ = session.model(name)
@@ -196,7 +188,7 @@ def run_one(config: dict, session: _Session) -> dict:
         "label": config.get("label", ""),
         "model": name,
         "method": config.get("method", "rtn"),
-        "recipe": {k: (None if v is None else str(v)) for k, v in recipe.items()},
+        "recipe": {k: (None if v is None else str(entry(v))) for k, v in recipe.items()},
         "mode": config.get("mode", "fake"),
         "calib_windows": _calib_windows(config),
         **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1", "window_nll")},
@@ -263,7 +255,7 @@ def rtn_grid(
     ``groups=None`` means per output channel. ``extras`` are spec strings added as they are.
     """
     from qlab.models.walker import weight_only
-    from qlab.core.quant import QuantSpec
+    from qlab.core.spec import QuantSpec
 
     configs = []
     for b in bits:

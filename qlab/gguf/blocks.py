@@ -1,7 +1,8 @@
 """GGUF block formats: the registry, the shared reshaping, and the quantized tensor they produce.
 
 A GGUF block format cuts every row of a weight matrix into blocks of ``block_size`` values and
-stores each block in ``type_size`` bytes (llama.cpp's ``ggml-common.h`` structs). So
+stores each block in ``type_size`` bytes (llama.cpp's ``ggml-common.h`` structs; both numbers are read
+from the gguf package's ``GGML_QUANT_SIZES`` for the format's ``ggml_type``). So
 
     bits per weight = 8 · type_size / block_size        (Q4_K: 8·144/256 = 4.5)
 
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, QK_K  # QK_K: the k-quants' super-block size (256)
 
+from qlab.core.tensor import register_kind
 from qlab.gguf.search import F32, seqsum
-
-QK_K = 256  # super-block size of the k-quants
 
 FORMATS: dict[str, "BlockFormat"] = {}
 
@@ -63,10 +64,15 @@ class BlockFormat:
     """One GGUF block format. Subclasses set the class attributes and the two block methods."""
 
     name: str
-    block_size: int
-    type_size: int
     ggml_type: GGMLQuantizationType
+    block_size: int  # values per block   } both from GGML_QUANT_SIZES[ggml_type],
+    type_size: int  # bytes per block     } set when a subclass names its ggml_type
     f16_offsets: tuple[int, ...]  # byte offsets of the fp16 fields (d, dmin/m) inside a block
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "ggml_type" in cls.__dict__:
+            cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml_type]
 
     @property
     def bits_per_weight(self) -> float:
@@ -144,14 +150,17 @@ def format_table() -> list[dict]:
 
 # ---------------------------------------------------------------- the quantized tensor
 
+@register_kind
 @dataclass
 class GGUFTensor:
     """A tensor stored in a GGUF block format (the bytes llama.cpp would hold in memory).
 
-    Same attribute names as ``qlab.QuantizedTensor`` where they mean the same thing, so sweeps can
-    put both on one plot: ``.shape``, ``.nbytes``, ``.bits_per_weight``, ``.dequantize()``.
-    ``data`` is ``[rows, bytes_per_row]`` uint8, rows being all leading dims of ``shape`` flattened.
+    Implements the quantized-tensor protocol (``qlab.core.tensor.QTensor``): ``.shape``, ``.nbytes``,
+    ``.bits_per_weight``, ``.dequantize()``, ``.state_dict()``. ``data`` is ``[rows, bytes_per_row]``
+    uint8, rows being all leading dims of ``shape`` flattened.
     """
+
+    kind = "gguf"
 
     qtype: str
     shape: tuple[int, ...]
@@ -177,6 +186,23 @@ class GGUFTensor:
     def dequantize(self) -> torch.Tensor:
         rows = self.format.dequantize_rows(self.data, self.shape[-1])
         return torch.from_numpy(rows.reshape(self.shape)).to(self.dtype)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "qtype": self.qtype, "shape": list(self.shape), "dtype": str(self.dtype),
+                "data": torch.from_numpy(np.ascontiguousarray(self.data))}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GGUFTensor":
+        from qlab.core.tensor import _dtype
+
+        fmt = get_format(state["qtype"])
+        shape = tuple(state["shape"])
+        data = state["data"].numpy()
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        if data.dtype != np.uint8 or data.shape != (rows, shape[-1] // fmt.block_size * fmt.type_size):
+            raise ValueError(f"{fmt.name} bytes for shape {shape} must be uint8 [{rows}, "
+                             f"{shape[-1] // fmt.block_size * fmt.type_size}], got {data.dtype} {data.shape}")
+        return cls(fmt.name, shape, data, _dtype(state["dtype"]))
 
     def __repr__(self):
         return f"GGUFTensor({self.qtype}, shape={tuple(self.shape)}, {self.bits_per_weight:g} bpw)"

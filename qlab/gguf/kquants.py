@@ -123,7 +123,7 @@ def _superblock_sigma2(x, factor):
 
 @register
 class Q2_K(BlockFormat):
-    name, block_size, type_size, ggml_type = "Q2_K", QK_K, 84, T.Q2_K
+    name, ggml_type = "Q2_K", T.Q2_K
     f16_offsets = (80, 82)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -168,7 +168,7 @@ class Q2_K(BlockFormat):
 
 @register
 class Q3_K(BlockFormat):
-    name, block_size, type_size, ggml_type = "Q3_K", QK_K, 110, T.Q3_K
+    name, ggml_type = "Q3_K", T.Q3_K
     f16_offsets = (108,)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -211,7 +211,6 @@ class Q3_K(BlockFormat):
 class _KAffine(BlockFormat):
     """Q4_K / Q5_K: 8 sub-blocks of 32, x = d·sc·q - dmin·m, sc and m on 6 bits."""
 
-    block_size = QK_K
     f16_offsets = (0, 2)
     qmax: int
     ref_search: tuple  # (rmin, rdelta, nstep) of make_qkx2_quants in the reference path
@@ -257,19 +256,19 @@ class _KAffine(BlockFormat):
 
 @register
 class Q4_K(_KAffine):
-    name, type_size, ggml_type, qmax, ref_search = "Q4_K", 144, T.Q4_K, 15, (-1.0, 0.1, 20)
+    name, ggml_type, qmax, ref_search = "Q4_K", T.Q4_K, 15, (-1.0, 0.1, 20)
 
     def quantize_blocks(self, x, qw, sigma2):
         d, dmin, ls, lm, L = self.levels(x, qw)
         return np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_4bit(L)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_4bit(data[:, 16:144])
+        return _unpack_4bit(data[:, 16:])
 
 
 @register
 class Q5_K(_KAffine):
-    name, type_size, ggml_type, qmax, ref_search = "Q5_K", 176, T.Q5_K, 31, (-0.5, 0.1, 15)
+    name, ggml_type, qmax, ref_search = "Q5_K", T.Q5_K, 31, (-0.5, 0.1, 15)
 
     def quantize_blocks(self, x, qw, sigma2):
         d, dmin, ls, lm, L = self.levels(x, qw)
@@ -277,14 +276,14 @@ class Q5_K(_KAffine):
                                _pack_bitplane(L >> 4, 8), _pack_4bit(L & 0xF)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_4bit(data[:, 48:176]) | (_unpack_bitplane(data[:, 16:48], 8) << 4)
+        return _unpack_4bit(data[:, 48:]) | (_unpack_bitplane(data[:, 16:48], 8) << 4)
 
 
 # ---------------------------------------------------------------- Q6_K
 
 @register
 class Q6_K(BlockFormat):
-    name, block_size, type_size, ggml_type = "Q6_K", QK_K, 210, T.Q6_K
+    name, ggml_type = "Q6_K", T.Q6_K
     f16_offsets = (208,)
 
     def quantize_blocks(self, x, qw, sigma2):

@@ -66,7 +66,6 @@ def _unpack_high_bits(qh):
 class _Symmetric(BlockFormat):
     """Q4_0 / Q5_0: x = d·(q - offset), d = signed extreme / -offset."""
 
-    block_size = 32
     bits: int
 
     @property
@@ -89,7 +88,7 @@ class _Symmetric(BlockFormat):
 
 @register
 class Q4_0(_Symmetric):
-    name, type_size, bits, ggml_type = "Q4_0", 18, 4, T.Q4_0
+    name, bits, ggml_type = "Q4_0", 4, T.Q4_0
     f16_offsets = (0,)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -97,12 +96,12 @@ class Q4_0(_Symmetric):
         return np.concatenate([f16_bytes(d), _pack_nibbles(q)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 2:18])
+        return _unpack_nibbles(data[:, 2:])
 
 
 @register
 class Q5_0(_Symmetric):
-    name, type_size, bits, ggml_type = "Q5_0", 22, 5, T.Q5_0
+    name, bits, ggml_type = "Q5_0", 5, T.Q5_0
     f16_offsets = (0,)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -110,13 +109,12 @@ class Q5_0(_Symmetric):
         return np.concatenate([f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q & 0xF)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 6:22]) | (_unpack_high_bits(data[:, 2:6]) << 4)
+        return _unpack_nibbles(data[:, 6:]) | (_unpack_high_bits(data[:, 2:6]) << 4)
 
 
 class _Affine(BlockFormat):
     """Q4_1 / Q5_1: x = d·q + m, d = (max - min)/(2^bits - 1), m = min."""
 
-    block_size = 32
     bits: int
 
     def codes(self, x, qw, sigma2):
@@ -137,7 +135,7 @@ class _Affine(BlockFormat):
 
 @register
 class Q4_1(_Affine):
-    name, type_size, bits, ggml_type = "Q4_1", 20, 4, T.Q4_1
+    name, bits, ggml_type = "Q4_1", 4, T.Q4_1
     f16_offsets = (0, 2)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -145,12 +143,12 @@ class Q4_1(_Affine):
         return np.concatenate([f16_bytes(d), f16_bytes(m), _pack_nibbles(q)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 4:20])
+        return _unpack_nibbles(data[:, 4:])
 
 
 @register
 class Q5_1(_Affine):
-    name, type_size, bits, ggml_type = "Q5_1", 24, 5, T.Q5_1
+    name, bits, ggml_type = "Q5_1", 5, T.Q5_1
     f16_offsets = (0, 2)
 
     def quantize_blocks(self, x, qw, sigma2):
@@ -159,14 +157,14 @@ class Q5_1(_Affine):
         return np.concatenate([f16_bytes(d), f16_bytes(m), _pack_high_bits(q), _pack_nibbles(q & 0xF)], axis=1)
 
     def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 8:24]) | (_unpack_high_bits(data[:, 4:8]) << 4)
+        return _unpack_nibbles(data[:, 8:]) | (_unpack_high_bits(data[:, 4:8]) << 4)
 
 
 @register
 class Q8_0(BlockFormat):
     """x = d·q, d = absmax/127, q = roundf(x/d) (half away from zero). 34 bytes / 32 = 8.5 bpw."""
 
-    name, block_size, type_size, ggml_type = "Q8_0", 32, 34, T.Q8_0
+    name, ggml_type = "Q8_0", T.Q8_0
     f16_offsets = (0,)
 
     def quantize_blocks(self, x, qw, sigma2):

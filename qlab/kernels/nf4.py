@@ -7,9 +7,10 @@ each block keeps its absmax c1[b], and each element a 4-bit index into the 16 NF
     W[e] = NF4[code[e]] * c1[e // 64]
 
 Double quantization (QLoRA eq. 6) stores the c1 themselves in 8 bits: subtract their mean, cut them
-into blocks of 256 and quantize each block with its own fp32 absmax c2 onto a 256-entry codebook
-(qlab's core uses the symmetric int8 grid; bitsandbytes uses its "dynamic" 8-bit map: any table
-works, the kernel only looks it up):
+into blocks of 256 and quantize each block with its own fp32 absmax c2 onto the 8-bit "dynamic" map
+of bitsandbytes (qlab's grid 'dynamic8', see ``qlab.core.quant.DOUBLE_QUANT_SPEC``; qlab's 'nf4' spec
+rounds c1 to fp16 first, bitsandbytes keeps it in fp32). The kernels only look codes up in a 256-entry
+table:
 
     c1[b] = table8[qc1[b]] * c2[b // 256] + mean
 
@@ -51,7 +52,7 @@ class NF4Weight:
         spec = qt.spec
         if spec.format != "nf4" or not isinstance(spec.granularity, PerBlock) or not spec.double_quant:
             raise ValueError(f"the NF4 kernels need an 'nf4-b<size>-dq' tensor, got {qt!r}")
-        inner = qt.scale  # the QuantizedTensor of c1 - mean: int8, blocks of 256
+        inner = qt.scale  # the QuantizedTensor of c1 - mean: 'dynamic8' codes, blocks of 256
         return cls(qt.packed, spec.grid.levels.float(), inner.packed,
                    inner.spec.grid.decode(torch.arange(256)).float(), inner.scales().reshape(-1),
                    float(qt.scale_offset), tuple(qt.shape), spec.granularity.size, inner.spec.granularity.size)

@@ -1,1 +1,38 @@
-"""Quantization methods (being unified behind one registry; see issue 10)."""
+"""Every quantization method behind one signature, in one table.
+
+    from qlab.methods import METHODS
+    result = METHODS["gptq"](weights, X, "int4-g128-asym-minmax", names=names)   # -> QuantResult
+
+See :mod:`qlab.methods.base` for the signature and the result type. Folders by kind:
+
+* ``weight/``      rtn, gptq, awq, gguf (llama.cpp's types and mixes)
+* ``activation/``  smoothquant (W8A8 with or without smoothing), llm_int8
+
+A new method is one file with a function of that signature plus one entry in :data:`METHODS`; the model
+walker (``qlab.models.walker``), the sweeps and the plots then take it like every other.
+"""
+from qlab.methods.activation import llm_int8, smoothquant
+from qlab.methods.base import Method, QuantResult
+from qlab.methods.weight import awq, gguf, gptq, rtn
+
+METHODS = {m.name: m for m in [
+    Method("rtn", rtn.rtn_method, doc="round to nearest (no calibration)"),
+    Method("gptq", gptq.gptq_method, needs_inputs=True, doc="GPTQ: Hessian-aware rounding with error feedback"),
+    Method("awq", awq.awq_method, needs_inputs=True, folds_into=("norm", "linear"), fallback="rtn",
+           doc="AWQ: activation-aware input-channel scaling and clipping"),
+    Method("gguf", gguf.gguf_method, doc="a llama.cpp block format (Q4_K, Q8_0 ...), byte for byte"),
+    Method("w8a8", smoothquant.w8a8_method, needs_inputs=lambda o: o.get("act") == "static", sequential=False,
+           doc="int8 weights and int8 activations (per token, per tensor or static)"),
+    Method("smoothquant", smoothquant.smoothquant_method, needs_inputs=True, folds_into=("norm",),
+           fallback="w8a8", sequential=False, doc="W8A8 with SmoothQuant's difficulty migration"),
+    Method("llm_int8", llm_int8.llm_int8_method, doc="LLM.int8(): int8 with outlier input columns in float"),
+]}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "QuantResult", "get_method"]

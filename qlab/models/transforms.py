@@ -68,6 +68,22 @@ def fold_into_linear(prev: nn.Linear, linears, s: torch.Tensor):
     scale_input_columns(linears, s)
 
 
+@torch.no_grad()
+def divide_output(prev: nn.Module, s: torch.Tensor):
+    """The previous op's half of a fold: a norm's weight (and bias) or a Linear's output rows (and bias)
+    divided by s. (The following Linears' columns times s is the other half.)"""
+    if isinstance(prev, nn.Linear):
+        _check_scales(s, [], prev.out_features)
+        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+    else:
+        if getattr(prev, "weight", None) is None:
+            raise ValueError(f"{type(prev).__name__} has no elementwise weight to fold scales into")
+        _check_scales(s, [], prev.weight.numel())
+        prev.weight.div_(s.to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s.to(prev.bias.dtype))
+
+
 def llama_scaling_groups(layer: nn.Module) -> list:
     """The (prev, [linears], fold) triples of one Llama-style decoder layer whose input channels can be
     rescaled for free, in forward order (as AWQ's reference code lists them):

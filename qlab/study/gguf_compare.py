@@ -17,7 +17,8 @@ def error_table(weights: dict, gguf_types=(), core_specs=()) -> pd.DataFrame:
 
     A GGUF type is skipped for a tensor whose rows do not fit its blocks (k-quants need 256).
     """
-    from qlab.core.quant import QuantSpec, quantize as core_quantize
+    from qlab.core.quant import quantize as core_quantize
+    from qlab.core.spec import QuantSpec
 
     rows = []
     for name, w in weights.items():

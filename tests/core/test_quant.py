@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from qlab.core.quant import QuantSpec, QuantizedTensor, fake_quant, qparams, quantize
+from qlab.core.quant import fake_quant, qparams, quantize
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import QuantizedTensor
 from qlab.core.granularity import PerGroup
 
 SPECS = [

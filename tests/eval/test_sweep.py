@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import embedded as emb
 from qlab.eval import sweep
@@ -59,7 +60,16 @@ def test_resume_after_a_crash_redoes_nothing(tmp_path, monkeypatch):
     assert list(df.label) == ["int8", "int4 g32", "int2"]
     assert df.aligned_q4_1.tolist() == [False, True, False]
     assert (df.ppl_ref == df.ppl_ref[0]).all() and df.top1.between(0, 1).all()
-    assert df.loc[0, "quantized_bpw"] < df.loc[1, "quantized_bpw"] + 8  # sane numbers, and:
+    # the sizes, counted by hand from the block linears' shapes: codes + fp16 scales (+ 4-bit zero points)
+    shapes = [m.weight.shape for name, m in _load("tiny")[0].named_modules()
+              if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
+    n = sum(o * i for o, i in shapes)  # 2 layers x (q 64x64, k, v 32x64, o 64x64, gate, up 128x64, down 64x128)
+    bits = [8 * n + 16 * sum(o for o, _ in shapes),  # int8: one scale per output channel
+            4 * n + (16 + 4) * (n // 32),  # int4 g32 asym: a scale and a zero point per 32 weights
+            2 * n + 16 * len(shapes)]  # int2: one scale per tensor
+    assert df.quantized_bpw.tolist() == pytest.approx([b / n for b in bits], rel=1e-12)  # 8.222, 4.625, 2.003
+    lm_head = 256 * 64  # float, at 16 bits
+    assert df.linear_bpw.tolist() == pytest.approx([(b + 16 * lm_head) / (n + lm_head) for b in bits], rel=1e-12)
     assert df.loc[2, "kl_mean"] > df.loc[0, "kl_mean"]  # int2 per-tensor hurts more than int8
 
     # 3rd run: nothing to do, same table
@@ -158,7 +168,7 @@ def test_calibrated_methods_in_a_sweep(tmp_path):
     """GPTQ and W8A8 rows sit in the same table as RTN: same windows, same size accounting."""
     df = sweep.run_sweep(_calibrated_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
     assert df.method.tolist() == ["rtn", "gptq", "w8a8", "w8a8"]
-    assert df.calib_windows.tolist() == [0, 4, 4, 4]
+    assert df.calib_windows.tolist() == [0, 4, 0, 4]  # naive W8A8 per token calibrates nothing
     assert df.quantized_bpw[0] == df.quantized_bpw[1]  # GPTQ stores the same grid as RTN
     assert df.quantized_bpw[2] == df.quantized_bpw[3] > 8  # int8 codes + an fp16 scale per row
     assert df.kl_mean[1] < df.kl_mean[0]  # GPTQ closer to the float model than RTN on the same grid
@@ -170,6 +180,27 @@ def test_calibrated_methods_in_a_sweep(tmp_path):
     evals = session.reference("tiny").windows
     assert calib.shape == (4, PROTOCOL.seq_len)
     assert not {tuple(w) for w in calib.tolist()} & {tuple(w) for w in evals.tolist()}
+
+
+def test_mixed_precision_recipe_in_a_sweep(tmp_path):
+    """One configuration: GPTQ 4-bit on the blocks, int8 embedding and lm_head. The row records what is stored:
+    the W8A8 row's recipe names the spec whose bytes it counts (fp16 scales: 8 + 16/in bits per weight)."""
+    mixed = {"label": "GPTQ blocks, int8 ends", "model": "tiny", "calib_windows": 4,
+             "recipe": {"model.embed_tokens": "int8-channel-sym-absmax", "lm_head": "int8-channel-sym-absmax",
+                        "model.layers.*": "gptq:int4-g32-asym-minmax"}}
+    w8a8 = {"label": "W8A8", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax", "calib_windows": 4}
+    df = sweep.run_sweep([mixed, w8a8], PROTOCOL, tmp_path, progress=False, load=_load)
+    row = df.iloc[0]
+    assert row.calib_windows == 4 and row.recipe["model.layers.*"] == "gptq:int4-g32-asym-minmax"
+    model, _ = _load("tiny")
+    n_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers") and n.endswith("proj.weight"))
+    vocab, hidden = model.model.embed_tokens.weight.shape
+    block_bytes = sum(m.out_features * (m.in_features // 2 + -(-m.in_features // 32) * (2 + 0.5))
+                      for n, m in model.named_modules() if n.startswith("model.layers") and isinstance(m, torch.nn.Linear))
+    ends = vocab * (hidden + 2)  # int8 codes + one fp16 scale per row, the tied head counted once
+    assert row.quantized_bpw == pytest.approx(8 * (block_bytes + ends) / (n_block + vocab * hidden), rel=1e-12)
+    assert df.iloc[1].recipe == {"model.layers.*": "w8a8:int8-channel-sym-absmax"}
+    assert df.iloc[1].quantized_bpw > 8 and df.iloc[1].kl_mean > 0
 
 
 @pytest.mark.parametrize("config, message", [

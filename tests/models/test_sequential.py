@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlab.methods.weight.gptq import gptq, hessian
-from qlab.models.sequential import gptq_model
+from qlab.models.walker import quantize_model
 from qlab.core.quant import fake_quant
 
 SPEC = "int3-g32-asym-minmax"
@@ -22,7 +22,8 @@ def test_sequential_gptq_on_a_tiny_llama():
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     calib, test = torch.randint(0, 128, (16, 32), generator=g), torch.randint(0, 128, (4, 32), generator=g)
-    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False, true_sequential=True)
+    model, report = quantize_model(model, {"model.layers.*": f"gptq:{SPEC}"}, calib, batch_size=4, true_sequential=True)
+    results = report.qtensors
     assert len(results) == 2 * 7
     # the model holds the de-quantized weights
     for name, qt in results.items():
@@ -58,7 +59,8 @@ def test_one_pass_mode_shares_inputs():
     model = tiny_llama()
     reference = copy.deepcopy(model)
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    results = gptq_model(model, calib, SPEC, batch_size=4, progress=False)
+    _, report = quantize_model(model, {"model.layers.*": f"gptq:{SPEC}"}, calib, batch_size=4)
+    results = report.qtensors
     captured = []
     layer0 = reference.model.layers[0]
     hook = layer0.self_attn.k_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
@@ -73,8 +75,6 @@ def test_one_pass_mode_shares_inputs():
 
 
 def test_awq_model_on_a_tiny_llama():
-    from qlab.models.sequential import awq_model
-
     model = tiny_llama()
     for name, p in model.named_parameters():  # give the activations outlier channels, as in real LLMs
         if "layernorm" in name:
@@ -82,7 +82,9 @@ def test_awq_model_on_a_tiny_llama():
             p.data[:3] = 30.0
     reference = copy.deepcopy(model)
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    results = awq_model(model, calib, SPEC, batch_size=4, n_grid=10, progress=False)
+    model, report = quantize_model(model, {"model.layers.*": {"method": "awq", "spec": SPEC, "n_grid": 10}}, calib,
+                                   batch_size=4)
+    results = report.qtensors
     assert len(results) == 2 * 7
     for name, qt in results.items():
         assert torch.equal(model.get_submodule(name).weight.data, qt.dequantize())

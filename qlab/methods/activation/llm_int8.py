@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from qlab.methods.activation.smoothquant import WEIGHT_SPEC, int8_matmul, quantize_activations
-from qlab.core.quant import QuantizedTensor, quantize, validate
+from qlab.core.quant import quantize, validate
+from qlab.core.tensor import QuantizedTensor
+from qlab.methods.base import QuantResult
 
 
 def outlier_columns(X: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
@@ -58,26 +60,28 @@ def llm_int8_matmul(X: torch.Tensor, W: torch.Tensor, threshold: float = 6.0, qw
     return Int8Product(Y=Y.reshape(*lead, W.shape[0]), outliers=O, fraction=float(O.float().mean()))
 
 
-class Int8Linear(nn.Module):
-    """nn.Linear replacement running ``llm_int8_matmul``; keeps the float weight (the outlier columns
-    change from batch to batch) and records the fraction of outlier columns of the last call."""
+def llm_int8_method(weights, X, spec, names=None, *, threshold: float = 6.0) -> QuantResult:
+    """The registry's LLM.int8(): each weight stored int8 per output row over all its columns (the spec), as
+    bitsandbytes' Linear8bitLt stores it; at run time the input columns above ``threshold`` multiply the
+    de-quantized weight in float and the rest run int8 x int8 (``qlab.models.modules.Int8Linear``)."""
+    if not threshold > 0:
+        raise ValueError(f"threshold must be a positive number, got {threshold!r}")
+    return QuantResult([quantize(W, spec) for W in weights], act={"kind": "llm_int8", "threshold": float(threshold)})
 
-    def __init__(self, weight: torch.Tensor, bias=None, threshold: float = 6.0):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.threshold = threshold
-        self.last_fraction = 0.0
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0):
-        return cls(linear.weight.data, linear.bias, threshold)
+def int8_decomposed_matmul(X: torch.Tensor, qweight: QuantizedTensor, threshold: float = 6.0) -> Int8Product:
+    """X [..., in] @ W_hat^T with a stored int8 weight (one scale per row over all columns, bitsandbytes'
+    layout): the outlier columns O multiply the de-quantized weight in float, the rest run int8 x int8:
 
-    def forward(self, x):
-        out = llm_int8_matmul(x, self.weight, self.threshold)
-        self.last_fraction = out.fraction
-        y = out.Y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self):
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, threshold={self.threshold}"
+        Y = X[:, O] W_hat[:, O]^T + (sx sw^T) * (Q(X[:, ~O]) q_W[:, ~O]^T)
+    """
+    lead = X.shape[:-1]
+    X = X.reshape(-1, X.shape[-1]).float()
+    O = outlier_columns(X, threshold)
+    regular = ~O
+    Y = X[:, O] @ qweight.dequantize().float()[:, O].T
+    if regular.any():
+        qx = quantize_activations(X[:, regular], "token")
+        acc = qx.values().double() @ qweight.values()[:, regular].double().T  # exact integer sums
+        Y = Y + acc.mul(qx.scales().double().reshape(-1, 1)).mul(qweight.scales().double().reshape(1, -1)).float()
+    return Int8Product(Y=Y.reshape(*lead, qweight.shape[0]), outliers=O, fraction=float(O.float().mean()))

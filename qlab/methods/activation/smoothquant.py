@@ -23,7 +23,10 @@ import torch
 from torch import nn
 
 from qlab.core.granularity import PerChannel, PerTensor, PerToken
-from qlab.core.quant import QuantSpec, QuantizedTensor, quantize, validate
+from qlab.core.quant import quantize, validate
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import QuantizedTensor
+from qlab.methods.base import QuantResult
 
 WEIGHT_SPEC = QuantSpec("int8", PerChannel(0), symmetric=True, rule="absmax", scale_dtype="fp32")
 ACT_SPECS = {
@@ -77,35 +80,6 @@ def int8_matmul(qx: QuantizedTensor, qw: QuantizedTensor) -> torch.Tensor:
     return acc.mul(sx.double()).mul(qw.scales().double().reshape(1, -1)).float()
 
 
-class W8A8Linear(nn.Module):
-    """A Linear computing in int8 x int8: weights int8 per output channel, activations int8 per token
-    or per tensor. Build one with ``W8A8Linear.from_linear(linear, act='token')``."""
-
-    def __init__(self, qweight: QuantizedTensor, bias=None, act: str = "token", static_scale=None):
-        super().__init__()
-        if act not in ACT_SPECS:
-            raise ValueError(f"act must be one of {', '.join(ACT_SPECS)}, got {act!r}")
-        if act == "static" and static_scale is None:
-            raise ValueError("act='static' needs static_scale (calibrated max|x| / 127)")
-        self.qweight, self.act, self.static_scale = qweight, act, static_scale
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.out_features, self.in_features = qweight.shape
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, act: str = "token", act_max=None):
-        """act_max: calibrated max|x| (a number or per-channel maxima) for act='static'."""
-        static = None if act_max is None else float(torch.as_tensor(act_max).max()) / 127
-        return cls(quantize(linear.weight.data, WEIGHT_SPEC), linear.bias, act, static)
-
-    def forward(self, x):
-        y = int8_matmul(quantize_activations(x, self.act, self.static_scale), self.qweight)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, act={self.act}"
-
-
 @dataclass
 class SmoothQuantResult:
     """s: the smoothing scales to fold into the previous op (divide its outputs by s);
@@ -125,42 +99,6 @@ def smoothquant(weights, act_max: torch.Tensor, alpha: float = 0.5) -> SmoothQua
             raise ValueError(f"weights must be [out, {act_max.numel()}], got {tuple(W.shape)}")
     s = smoothing_scales(act_max, weights, alpha)
     return SmoothQuantResult(s=s, qweights=[quantize(W.float() * s, WEIGHT_SPEC) for W in weights])
-
-
-@torch.no_grad()
-def smooth_model(model, act_max: dict, alpha: float = 0.5) -> dict:
-    """Fold SmoothQuant scales into every decoder layer's RMSNorms (input_layernorm -> q/k/v,
-    post_attention_layernorm -> gate/up), as the reference does. ``act_max`` maps Linear names
-    ('model.layers.0.self_attn.q_proj', ...) to per-channel max|x| of their inputs (e.g. from
-    ``qlab.models.calib.input_stats(...)[name].max_abs``). Returns {layer index: s} per folded norm."""
-    from qlab.models.transforms import fold_into_norm, llama_scaling_groups
-
-    names = {id(m): n for n, m in model.named_modules()}
-    applied = {}
-    for prev, linears, fold in (g for layer in model.model.layers for g in llama_scaling_groups(layer)):
-        if fold is not fold_into_norm:
-            continue
-        key = names[id(linears[0])]
-        if key not in act_max:
-            raise ValueError(f"no activation statistics for {key}")
-        s = smoothing_scales(act_max[key], linears, alpha)
-        fold(prev, linears, s)
-        applied[names[id(prev)]] = s
-    return applied
-
-
-def w8a8_model(model, act: str = "token", act_max: dict | None = None, pattern: str = "model.layers.") -> dict:
-    """Replace every Linear whose name starts with ``pattern`` by a W8A8Linear, in place (for 'static',
-    ``act_max`` gives each layer's calibrated max|x|). Returns {name: W8A8Linear}."""
-    replaced = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.startswith(pattern):
-            stat = None if act_max is None else act_max[name]
-            new = W8A8Linear.from_linear(module, act=act, act_max=stat)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-            replaced[name] = new
-    return replaced
 
 
 def w8a8_output_error(weights, X_calib: torch.Tensor, X_test: torch.Tensor, act: str = "token",
@@ -188,3 +126,39 @@ def w8a8_output_error(weights, X_calib: torch.Tensor, X_test: torch.Tensor, act:
         num += float((int8_matmul(qx, quantize(W.float() * s, WEIGHT_SPEC)) - Y).double().pow(2).sum())
         den += float(Y.double().pow(2).sum())
     return num / den
+
+
+def _act_max(X) -> torch.Tensor:
+    """max |x| per input channel over every batch of calibration inputs."""
+    return torch.stack([max_abs(x) for x in X]).amax(dim=0)
+
+
+def w8a8_method(weights, X, spec, names=None, *, act: str = "token") -> QuantResult:
+    """The registry's naive W8A8: int8 weights (the spec: int8 per output channel, symmetric) and int8
+    activations per ``act`` ('static' takes max|x| / 127 from the calibration inputs X)."""
+    _check_weight_spec(spec)
+    if act not in ACT_SPECS:
+        raise ValueError(f"act must be one of {', '.join(ACT_SPECS)}, got {act!r}")
+    static = float(_act_max(X).max()) / 127 if act == "static" else None
+    return QuantResult([quantize(W, spec) for W in weights], act={"kind": "w8a8", "act": act, "static_scale": static})
+
+
+def smoothquant_method(weights, X, spec, names=None, *, alpha: float = 0.5, act: str = "token") -> QuantResult:
+    """The registry's SmoothQuant: s from the calibration inputs' max|x| (eq. 4), W diag(s) quantized to
+    int8 per output channel, ``fold=s`` for the walker to fold into the previous norm; for 'static'
+    activations the scale is max|x / s| / 127 on the calibration inputs."""
+    _check_weight_spec(spec)
+    if act not in ACT_SPECS:
+        raise ValueError(f"act must be one of {', '.join(ACT_SPECS)}, got {act!r}")
+    s = smoothing_scales(_act_max(X), weights, alpha)
+    scaled = [W.float() * s for W in weights]
+    static = float(torch.stack([max_abs(x.float() / s) for x in X]).amax()) / 127 if act == "static" else None
+    return QuantResult([quantize(Ws, spec) for Ws in scaled], fold=s, weights=[Ws.to(W.dtype) for Ws, W in zip(scaled, weights)],
+                       act={"kind": "w8a8", "act": act, "static_scale": static})
+
+
+def _check_weight_spec(spec):
+    spec = QuantSpec.parse(spec)
+    if spec.format != "int8" or not spec.symmetric or str(spec.granularity) != "channel":
+        raise ValueError(f"W8A8 weights are int8, symmetric, per output channel (e.g. 'int8-channel-sym-absmax' or "
+                         f"'int8-channel-sym-absmax-sfp32'), got {spec}")

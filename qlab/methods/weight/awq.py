@@ -27,8 +27,10 @@ import math
 
 import torch
 
-from qlab.core.granularity import PerChannel, PerGroup
-from qlab.core.quant import QuantSpec, QuantizedTensor, fake_quant, quantize, validate
+from qlab.core.quant import fake_quant, quantize, validate
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import QuantizedTensor
+from qlab.methods.base import QuantResult
 
 
 def mean_abs(X: torch.Tensor) -> torch.Tensor:
@@ -43,12 +45,11 @@ def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def group_size(spec: QuantSpec, in_features: int) -> int:
-    gran = spec.granularity
-    if isinstance(gran, PerGroup):
-        return gran.size
-    if isinstance(gran, PerChannel) and gran.axis == 0:
-        return in_features
-    raise ValueError(f"AWQ needs per-channel or per-group (along the input) weight scales, got {gran}")
+    """Input columns per scale of a [out, in_features] weight (AWQ needs scales per row or group of a row)."""
+    shape = (1, in_features)
+    if not spec.granularity.per_row(shape):
+        raise ValueError(f"AWQ needs per-channel or per-group (along the input) weight scales, got {spec.granularity}")
+    return spec.granularity.columns_per_scale(shape)
 
 
 def _output_error(X, weights, outputs, fake_weights):
@@ -159,3 +160,20 @@ def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQRe
     max_val = None if not any(clips) else max_val
     qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
     return AWQResult(s=s, alpha=alpha, losses=losses, qweights=qweights, max_val=max_val)
+
+
+def awq_method(weights, X, spec, names=None, *, n_grid: int = 20, clip="auto") -> QuantResult:
+    """The registry's AWQ: scales searched and returned to fold into the previous op, weights clipped and
+    quantized. ``clip='auto'`` skips the clipping search for q_proj and k_proj (by ``names``), as the reference."""
+    if not X:
+        raise ValueError("AWQ needs calibration inputs X")
+    X = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in X])
+    if clip == "auto":
+        clip = [not (n or "").endswith(("q_proj", "k_proj")) for n in (names or [None] * len(weights))]
+    r = awq(weights, X, spec, n_grid=n_grid, clip=clip)
+    g = group_size(QuantSpec.parse(spec), X.shape[-1])
+    scaled = [W.float() * r.s for W in weights]
+    if r.max_val is not None:
+        scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, r.max_val)]
+    return QuantResult(r.qweights, fold=r.s, weights=[Ws.to(W.dtype) for Ws, W in zip(scaled, weights)],
+                       info={"alpha": r.alpha, "losses": r.losses})

@@ -1,4 +1,8 @@
-"""Apply a llama.cpp mix to a transformers Llama model (fake quantization, for perplexity sweeps).
+"""llama.cpp's block formats as a method, and its mixes (Q4_K_M ...) as recipes for the model walker.
+
+The method quantizes a weight to one GGUF type, byte for byte as llama.cpp (``qlab.gguf``), and returns
+the ``GGUFTensor``. A mix is a choice of type per tensor; :func:`mix_recipe` turns it into a recipe of
+exact layer names -> ``gguf`` entries, so ``qlab.models.walker.quantize_model`` applies it like any other.
 
 The GGUF names of a Llama model map one to one onto the transformers names:
 
@@ -14,12 +18,14 @@ order, and the same dequantized model.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from qlab.core.quant import quantize as core_quantize
 from qlab.gguf.blocks import quantize
 from qlab.gguf.mixes import choose_types, mix_summary
+from qlab.methods.base import QuantResult
 
 _LAYER = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -40,28 +46,39 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def apply_mix(model: nn.Module, mix: str, imatrix: dict | None = None, progress: bool = True) -> dict:
-    """Replace every weight of ``model`` (in place) by its GGUF round trip under ``mix``.
+def gguf_method(weights, X, spec, names=None, *, imatrix=None) -> QuantResult:
+    """Each weight to the GGUF type ``spec`` ('Q4_K', 'Q8_0', ...; 'F16' is an fp16 cast), with llama.cpp's
+    importance-weighted search when ``imatrix`` (mean x^2 per input column) is given."""
+    qtype = str(spec).upper()
+    if qtype == "F16":
+        return QuantResult([core_quantize(W, "fp16") for W in weights])
+    return QuantResult([quantize(W, qtype, imatrix=imatrix) for W in weights])
 
-    Returns ``dict(choices=[...], summary=mix_summary(...), nbytes=...)``; ``choices`` lists each
-    tensor's wanted and final type (after llama.cpp's row-length fallback).
-    """
+
+def mix_recipe(model: nn.Module, mix: str, imatrix: dict | None = None) -> tuple[dict, list]:
+    """(recipe, choices) for a llama.cpp mix: the recipe maps each module name (embedding, block Linears,
+    lm_head) to ``{'method': 'gguf', 'spec': type}`` (plus its imatrix entry); ``choices`` lists each
+    tensor's wanted and final type (after llama.cpp's row-length fallback), as ``choose_types`` does.
+    A tied lm_head gets the embedding's entry, so the walker keeps the two tied."""
     names = gguf_names(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     cfg = model.config
     n_gqa = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     choices = choose_types(mix, [(g, tuple(params[h].shape)) for g, h in names.items()], n_gqa=n_gqa,
                            has_imatrix=imatrix is not None)
-    nbytes = 0
-    for c in tqdm(choices, desc=f"mix {mix}", disable=not progress):
-        p = params[names[c["name"]]]
-        if c["qtype"] in ("F32", "F16"):
-            p.data = p.data.to(torch.float16).to(p.dtype) if c["qtype"] == "F16" else p.data
-            nbytes += p.numel() * (2 if c["qtype"] == "F16" else 4)
+    recipe = {}
+    for c in choices:
+        module = names[c["name"]].removesuffix(".weight")
+        if c["qtype"] == "F32":
+            recipe[module] = None
             continue
-        im = None if imatrix is None else imatrix.get(c["name"])
-        t = quantize(p.data, c["qtype"], imatrix=im)
-        p.data = t.dequantize().to(p.dtype)   # a new tensor: the tied lm_head follows the embedding
-        nbytes += t.nbytes
-    return dict(choices=choices, summary=mix_summary(choices), nbytes=nbytes)
+        entry = {"method": "gguf", "spec": c["qtype"]}
+        if imatrix is not None and c["name"] in imatrix:
+            entry["imatrix"] = np.asarray(imatrix[c["name"]], dtype=np.float32)
+        recipe[module] = entry
+    if cfg.tie_word_embeddings and "model.embed_tokens" in recipe:
+        recipe["lm_head"] = recipe["model.embed_tokens"]
+    return recipe, choices
+
+
+__all__ = ["gguf_names", "gguf_method", "mix_recipe", "mix_summary"]

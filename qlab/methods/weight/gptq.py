@@ -30,8 +30,11 @@ import math
 
 import torch
 
-from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor
-from qlab.core.quant import QuantSpec, QuantizedTensor, qparams, quantize, validate
+from qlab.core.granularity import PerChannel, PerTensor
+from qlab.core.quant import qparams, quantize, validate
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import QuantizedTensor
+from qlab.methods.base import QuantResult
 from qlab.core.scales import fake_quant_groups
 
 
@@ -86,24 +89,16 @@ class GPTQSweep:
 
 def _column_groups(spec: QuantSpec, shape) -> int:
     """How many consecutive input columns share a scale (per row); raise for granularities GPTQ cannot sweep."""
-    out_features, in_features = shape
-    gran = spec.granularity
-    if isinstance(gran, (PerTensor, PerChannel)) and getattr(gran, "axis", 0) == 0:
-        return in_features
-    if isinstance(gran, PerGroup):
-        return gran.size
-    if isinstance(gran, PerBlock) and in_features % gran.size == 0:
-        return gran.size  # blocks of the flattened tensor never straddle rows: they are groups
-    raise ValueError(
-        f"GPTQ sweeps the input columns of a [out, in] weight and needs scales per tensor, per output "
-        f"channel, per group along the input, or per block dividing the row; got {gran} for shape {tuple(shape)}"
-    )
+    try:
+        return spec.granularity.columns_per_scale(tuple(shape))
+    except ValueError as e:
+        raise ValueError(f"GPTQ sweeps the input columns of a [out, in] weight: {e}") from None
 
 
 def _qparams(Wg: torch.Tensor, spec: QuantSpec):
-    """Scale and zero point per row of a slice of columns, chosen with the spec's own rule (and its
-    scale storage dtype, so that the sweep rounds with exactly the scales that will be stored)."""
-    gran = PerTensor() if isinstance(spec.granularity, PerTensor) else PerChannel(0)
+    """Scale and zero point (or float minimum) per row of a slice of columns, chosen with the spec's own
+    rule (and its scale storage dtype, so that the sweep rounds with exactly the scales that will be stored)."""
+    gran = PerChannel(0) if spec.granularity.per_row(tuple(Wg.shape)) else PerTensor()
     scale, zp = qparams(Wg, replace(spec, granularity=gran))
     scale = scale.expand(Wg.shape[0]).clone()
     return scale, None if zp is None else zp.expand(Wg.shape[0]).clone()
@@ -192,7 +187,10 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
             s = scale[:, g]
             zp = None if zero_point is None else zero_point[:, g]
             w = W1[:, i]
-            q = fake_quant_groups(w[:, None], s, zp, grid)[:, 0]  # grid.round(w / s + zp), back to values
+            if spec.float_min:  # zero_point holds the float minima: x_hat = s q + minimum
+                q = fake_quant_groups(w[:, None], s, None, grid, zp)[:, 0]
+            else:
+                q = fake_quant_groups(w[:, None], s, zp, grid)[:, 0]  # grid.round(w / s + zp), back to values
             err = (w - q) / Hinv1[i, i]
             Q[:, col] = q
             Err1[:, i] = err
@@ -213,6 +211,11 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
     )
 
 
+def _offset(spec, zero_point) -> dict:
+    """The sweep's per-group offsets as quantize's keyword: integer zero points, or float minima ('fmin')."""
+    return {"minimum": zero_point} if spec.float_min else {"zero_point": zero_point}
+
+
 def gptq(W, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0.01,
          act_order: bool = False) -> QuantizedTensor:
     """GPTQ-quantize ``W`` (a tensor [out, in] or an nn.Linear) given its Hessian ``H = (2/n) X^T X``.
@@ -224,7 +227,7 @@ def gptq(W, H: torch.Tensor, spec, *, block_size: int = 128, percdamp: float = 0
     spec = QuantSpec.parse(spec)
     sweep = gptq_sweep(W, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
     # re-quantize the float32 W_hat (a bf16 copy could round to a neighbouring code), keep W's dtype
-    qt = quantize(sweep.W_hat, spec, scale=sweep.scale, zero_point=sweep.zero_point)
+    qt = quantize(sweep.W_hat, spec, scale=sweep.scale, **_offset(spec, sweep.zero_point))
     qt.dtype = W.dtype
     return qt
 
@@ -243,8 +246,8 @@ def gptq_shared(weights: list, H: torch.Tensor, spec, *, block_size: int = 128, 
         raise ValueError(f"weights sharing an input must be 2-d with the same input width, got "
                          f"{[tuple(w.shape) for w in weights]}")
     spec = QuantSpec.parse(spec)
-    if isinstance(spec.granularity, PerTensor) and len(weights) > 1:
-        raise ValueError("a per-tensor scale is one per weight: stacking weights would share it; quantize them one by one")
+    if not spec.granularity.per_row(tuple(weights[0].shape)) and len(weights) > 1:
+        raise ValueError(f"{spec.granularity} scales span rows: stacking weights would share them; quantize them one by one")
     stacked = torch.cat([w.detach().to(torch.promote_types(w.dtype, torch.float32)) for w in weights])
     sweep = gptq_sweep(stacked, H, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
     out, start = [], 0
@@ -252,11 +255,28 @@ def gptq_shared(weights: list, H: torch.Tensor, spec, *, block_size: int = 128, 
         rows = slice(start, start + w.shape[0])
         per_row = lambda t: t.reshape(stacked.shape[0], -1)[rows]  # noqa: E731  (groups and blocks never straddle rows)
         zp = None if sweep.zero_point is None else per_row(sweep.zero_point)
-        qt = quantize(sweep.W_hat[rows], spec, scale=per_row(sweep.scale), zero_point=zp)
+        qt = quantize(sweep.W_hat[rows], spec, scale=per_row(sweep.scale), **_offset(spec, zp))
         qt.dtype = w.dtype
         out.append(qt)
         start += w.shape[0]
     return out
+
+
+def gptq_method(weights, X, spec, names=None, *, block_size: int = 128, percdamp: float = 0.01,
+                act_order: bool = False) -> QuantResult:
+    """The registry's GPTQ: H = (2/n) X^T X accumulated over the calibration batches (as the reference's
+    ``add_batch``), then one sweep over the stacked rows of all the weights (``gptq_shared``) when their
+    scales are per row, or one sweep each (per-tensor scales)."""
+    if not X:
+        raise ValueError("GPTQ needs calibration inputs X")
+    acc = HessianAccumulator(weights[0].shape[1])
+    for x in X:
+        acc.add(x)
+    spec = QuantSpec.parse(spec)
+    kw = dict(block_size=block_size, percdamp=percdamp, act_order=act_order)
+    if spec.granularity.per_row(tuple(weights[0].shape)):
+        return QuantResult(gptq_shared(weights, acc.H, spec, **kw))
+    return QuantResult([gptq(W, acc.H, spec, **kw) for W in weights])
 
 
 # --- Measuring a sweep: the layer's output error, and how it depends on the column order -----------------

@@ -1,6 +1,7 @@
 import torch
 
-from qlab.methods.activation.llm_int8 import Int8Linear, llm_int8_matmul, outlier_columns
+from qlab.methods.activation.llm_int8 import llm_int8_matmul, outlier_columns
+from qlab.models.modules import Int8Linear
 
 
 def vectorwise_int8(X, W):
@@ -37,11 +38,23 @@ def test_decomposition_rescues_outlier_features(gen):
     assert e_mixed < 0.1 * e_plain, (e_mixed, e_plain)
 
 
-def test_int8_linear(gen):
+def test_int8_linear_matches_bitsandbytes_layout_by_hand(gen):
+    """Int8Linear stores W int8 per row over all columns (bitsandbytes' CB / SCB); the outlier column runs in
+    float against the de-quantized weight, the rest int8 x int8 with per-token activation scales."""
     lin = torch.nn.Linear(64, 8)
     x = torch.randn(3, 4, 64, generator=gen)
     x[..., 5] = 10.0
     layer = Int8Linear.from_linear(lin)
     y = layer(x)
     assert y.shape == (3, 4, 8) and layer.last_fraction == 1 / 64
+    W = lin.weight.detach()
+    sw = W.abs().amax(1, keepdim=True) / 127
+    Wq = torch.round(W / sw).clamp(-127, 127)  # the stored codes
+    X = x.reshape(-1, 64)
+    O = torch.zeros(64, dtype=torch.bool)
+    O[5] = True
+    Xr = X[:, ~O]
+    sx = Xr.abs().amax(1, keepdim=True) / 127
+    by_hand = X[:, O] @ (Wq * sw)[:, O].T + ((torch.round(Xr / sx).double() @ Wq[:, ~O].double().T) * sx.double() * sw.double().T).float()
+    assert torch.allclose(y.reshape(-1, 8), by_hand + lin.bias, atol=1e-5, rtol=0)
     assert torch.allclose(y, lin(x), atol=0.05)

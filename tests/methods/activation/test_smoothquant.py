@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qlab.methods.activation.smoothquant import (W8A8Linear, WEIGHT_SPEC, int8_matmul, max_abs,
+from qlab.models.modules import W8A8Linear
+from qlab.methods.activation.smoothquant import (WEIGHT_SPEC, int8_matmul, max_abs,
                                          quantize_activations, smoothing_scales, smoothquant, w8a8_output_error)
 from qlab.core.quant import quantize
 
@@ -68,33 +69,38 @@ def _linear(W):
     return lin
 
 
-def test_smooth_model_keeps_the_function_and_w8a8_model_runs():
+def test_smoothquant_through_the_walker_keeps_the_function():
+    """Folding SmoothQuant's scales into the RMSNorms keeps the float model's function; then every Linear is
+    a W8A8Linear and the logits stay close."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlab.methods.activation.smoothquant import smooth_model, w8a8_model
+    from qlab.methods import METHODS
+    from qlab.models.walker import quantize_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
-    stats = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats.__setitem__(n, max_abs(a[0])))
-             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         before = model(tokens).logits
-    for h in hooks:
-        h.remove()
-    smoothed = copy.deepcopy(model)
-    folded = smooth_model(smoothed, stats, alpha=0.5)
-    assert len(folded) == 4
+    # the fold alone: SmoothQuant with int8 weights left float (rtn at fp16 would round them; use the scales only)
+    result = METHODS["smoothquant"]([model.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].mlp.up_proj.weight],
+                                    [torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2))],
+                                    WEIGHT_SPEC, alpha=0.5)
+    folded = copy.deepcopy(model)
+    layer = folded.model.layers[0]
+    from qlab.models.transforms import fold_into_norm
+    fold_into_norm(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], result.fold)
     with torch.no_grad():
-        assert torch.allclose(smoothed(tokens).logits, before, atol=1e-4)
-    replaced = w8a8_model(smoothed, act="token")
-    assert len(replaced) == 14
+        assert torch.allclose(folded(tokens).logits, before, atol=1e-4)
+    q, report = quantize_model(model, {"model.layers.*": {"method": "smoothquant", "spec": "int8-channel-sym-absmax-sfp32"}},
+                               tokens)
+    assert sum(isinstance(m, W8A8Linear) for m in q.modules()) == 14
+    assert set(report.layers.spec[report.layers.name.str.startswith("model.layers")]) == {"smoothquant:int8-channel-sym-absmax-sfp32"}
     with torch.no_grad():
-        after = smoothed(tokens).logits
+        after = q(tokens).logits
     assert torch.allclose(after, before, atol=0.05)
 
 

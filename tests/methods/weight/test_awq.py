@@ -3,11 +3,45 @@ import torch
 
 from qlab.methods.weight.awq import apply_clip, awq, awq_scales, mean_abs, search_clip, search_scale
 from qlab.methods.weight.rtn import rtn
-from qlab.core.quant import fake_quant
+from qlab.core.quant import fake_quant, quantize
 
 
 def out_err(W, X, W_eff):
     return float(((X @ W.T - X @ W_eff.T) ** 2).mean())
+
+
+def brute_force_scale(weights, X, spec, n_grid):
+    """AWQ's scale search written out from the paper (eq. 5): for alpha = i / n_grid, s = mean|x|^alpha
+    normalised by sqrt(max s * min s); the effective weight Q(W diag(s)) diag(s)^-1 by plain RTN; the mean
+    squared output error, averaged over the Linears that read X. Returns (s, alpha, losses) of the best alpha."""
+    x_mean = X.abs().mean(dim=0)
+    losses = []
+    for i in range(n_grid):
+        s = x_mean ** (i / n_grid)
+        s = s / torch.sqrt(s.max() * s.min())
+        losses.append(sum(out_err(W, X, quantize(W * s, spec).dequantize() / s) for W in weights) / len(weights))
+    best = min(range(n_grid), key=losses.__getitem__)
+    s = x_mean ** (best / n_grid)
+    return s / torch.sqrt(s.max() * s.min()), best / n_grid, losses
+
+
+def brute_force_clip(W, X, spec, group):
+    """AWQ's clip search written out: for every output channel and group of ``group`` columns, try
+    max_val = (1 - i/20) max|w_group| for i < 10, RTN the clipped group, keep the range with the least
+    mean squared error of that group's contribution to the output."""
+    out, n_in = W.shape
+    best = torch.zeros(out, -(-n_in // group))
+    for k, start in enumerate(range(0, n_in, group)):
+        Wg, Xg = W[:, start:start + group], X[:, start:start + group]
+        org_max = Wg.abs().amax(dim=1, keepdim=True)
+        errs = []
+        for i in range(10):
+            m = org_max * (1 - i / 20)
+            Wq = quantize(torch.maximum(torch.minimum(Wg, m), -m), spec).dequantize()  # the group alone: same groups
+            errs.append(((Xg @ (Wq - Wg).T) ** 2).mean(dim=0))  # [out]
+        choice = torch.stack(errs).argmin(dim=0)  # first of equals, as a strict "<" search keeps
+        best[:, k] = org_max[:, 0] * (1 - choice / 20)
+    return best
 
 
 def test_scales_formula_by_hand():
@@ -24,8 +58,23 @@ def test_alpha_zero_loss_is_rtn(real_layer):
     spec = "int4-g64-asym-minmax"
     s, alpha, losses = search_scale([W], X, spec, n_grid=4)
     assert losses[0].item() == pytest.approx(out_err(W, X, rtn(W, spec).dequantize()), rel=1e-5)
-    assert losses[int(alpha * 4)] == losses.min()
-    assert torch.allclose(s, awq_scales(mean_abs(X), alpha))
+    # the whole search agrees with the paper's formula evaluated alpha by alpha in this file
+    s_ref, alpha_ref, losses_ref = brute_force_scale([W], X, spec, n_grid=4)
+    assert losses.tolist() == pytest.approx(losses_ref, rel=1e-4)
+    assert alpha == alpha_ref and 0 < alpha < 1  # (not an end of the grid: the choice is real)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+
+
+def test_alpha_zero_is_exactly_rtn(real_layer):
+    """A one-point grid leaves only alpha = 0: s = 1 and the codes, scales and zero points of plain RTN."""
+    W, X = real_layer
+    spec = "int4-g64-asym-minmax"
+    r = awq(W, X, spec, n_grid=1, clip=False)
+    ref = quantize(W, spec)
+    assert r.alpha == 0 and torch.equal(r.s, torch.ones(576))
+    assert torch.equal(r.qweights[0].codes(), ref.codes())
+    assert torch.equal(r.qweights[0].scales(), ref.scales())
+    assert torch.equal(r.qweights[0].zero_point, ref.zero_point)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -60,18 +109,34 @@ def test_apply_clip_by_hand():
     assert torch.equal(apply_clip(W, torch.tensor([[2.0, 1.0]]), 2), torch.tensor([[1.0, -2.0, 1.0, 0.5]]))
 
 
-def test_shared_input_gives_one_scale(real_layer):
+def test_shared_input_gives_one_scale(real_layer, gen):
+    """Two Linears reading the same input get one s, chosen on their joint output error, and each is
+    stored as the RTN codes of W diag(s)."""
     W, X = real_layer
+    spec = "int4-g128-asym-minmax"
     q = torch.nn.Linear(576, 64, bias=False)
-    result = awq([W, q], X, "int4-g128-asym-minmax", clip=False)
-    assert [qt.shape for qt in result.qweights] == [(192, 576), (64, 576)]
-    assert result.s.shape == (576,) and result.max_val is None
+    with torch.no_grad():
+        q.weight.copy_(torch.randn(64, 576, generator=gen) * 0.5)  # its error outweighs W's
+    result = awq([W, q], X, spec, n_grid=10, clip=False)
+    s_ref, alpha_ref, losses_ref = brute_force_scale([W, q.weight.detach()], X, spec, n_grid=10)
+    alone = brute_force_scale([W], X, spec, n_grid=10)[1]
+    assert result.alpha == alpha_ref != alone  # the second Linear moves the choice
+    torch.testing.assert_close(result.s, s_ref, rtol=1e-6, atol=0)
+    assert result.losses.tolist() == pytest.approx(losses_ref, rel=1e-4)
+    assert result.max_val is None
+    for qt, Wi in zip(result.qweights, [W, q.weight.detach()]):
+        ref = quantize(Wi * result.s, spec)
+        assert qt.shape == Wi.shape and torch.equal(qt.codes(), ref.codes())
+        assert torch.equal(qt.scales(), ref.scales()) and torch.equal(qt.zero_point, ref.zero_point)
 
 
 def test_bad_input(real_layer):
     W, X = real_layer
     with pytest.raises(ValueError, match="per-group"):
-        awq(W, X, "nf4")
+        awq(W, X, "nf4-b100")  # blocks of 100 straddle the 576-wide rows
+    with pytest.raises(ValueError, match="per-group"):
+        awq(W, X, "int4-tensor")
+    assert awq(W, X[:64], "nf4-b64", n_grid=2, clip=False).qweights[0].shape == W.shape  # b64 divides 576: groups
     with pytest.raises(ValueError, match="weights must be"):
         awq(W[:, :100], X, "int4-g64")
 
@@ -79,8 +144,11 @@ def test_bad_input(real_layer):
 def test_ragged_last_group(real_layer):
     """576 columns in groups of 128: four full groups and one of 64."""
     W, X = real_layer
+    X = X[::2]  # 512 tokens: search_clip scores all of them (n_tokens=512)
     max_val = search_clip(W, X, "int4-g128-asym-minmax")
     assert max_val.shape == (192, 5)
+    # every (channel, group) range, the ragged last group too, is the one a plain loop finds
+    assert torch.equal(max_val, brute_force_clip(W, X, "int4-g128-asym-minmax", 128))
     clipped = apply_clip(W, max_val, 128)
     assert clipped.shape == W.shape
     for k, start in enumerate(range(0, 576, 128)):  # every group, the last one 64 wide

@@ -3,7 +3,8 @@ import torch
 
 from qlab.methods.weight.gptq import HessianAccumulator, gptq, gptq_shared, gptq_sweep, hessian
 from qlab.methods.weight.rtn import rtn
-from qlab.core.quant import QuantSpec, quantize
+from qlab.core.quant import quantize
+from qlab.core.spec import QuantSpec
 
 
 def output_error(W, W_hat, X):
@@ -117,7 +118,7 @@ def test_bad_input(weight):
     H = torch.eye(576)
     with pytest.raises(ValueError, match="H must be"):
         gptq(weight, torch.eye(10), "int4-g128")
-    with pytest.raises(ValueError, match="per group along the input"):
+    with pytest.raises(ValueError, match="runs of input columns"):
         gptq(weight, H, QuantSpec("int4", granularity=QuantSpec.parse("int4-channel@1").granularity))
     with pytest.raises(ValueError, match="2-d"):
         gptq(weight[0], H, "int4-g128")
@@ -168,7 +169,7 @@ def test_shared_sweep_rejects_mismatched_or_per_tensor_weights():
     H = torch.eye(8)
     with pytest.raises(ValueError, match="same input width"):
         gptq_shared([torch.randn(4, 8), torch.randn(4, 6)], H, "int4-channel")
-    with pytest.raises(ValueError, match="per-tensor"):
+    with pytest.raises(ValueError, match="span rows"):
         gptq_shared([torch.randn(4, 8), torch.randn(4, 8)], H, "int4-tensor")
 
 

@@ -1,0 +1,266 @@
+"""The quantized-tensor protocol, and the two kinds of quantized tensor the core defines.
+
+Every method in qlab returns an object implementing :class:`QTensor`, so every result can be swapped into a
+model, sized and plotted the same way:
+
+* ``shape`` and ``dtype`` of the tensor it stands for, ``numel``;
+* ``nbytes``: every byte stored (codes, scales, zero points or minima, codebooks), nothing hidden;
+* ``bits_per_weight`` = 8 * nbytes / numel;
+* ``dequantize()``: the float tensor the model computes with;
+* ``state_dict()`` / ``from_state_dict()``: plain tensors and JSON-able metadata, for saving
+  (:func:`save_qtensor` / :func:`load_qtensor` dispatch on the ``kind`` entry).
+
+Implementations: :class:`QuantizedTensor` (a scalar grid: one b-bit code per element, scales per group,
+integer zero points or float minima), :class:`CodebookTensor` (vector quantization: one code per group of
+d weights into each of M codebooks, summed, times a scale per row: AQLM, QuIP#'s E8P), and outside the
+core ``qlab.gguf.GGUFTensor`` (llama.cpp's byte-exact blocks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from qlab.core import scales as _scales
+from qlab.core.packing import pack, packed_nbytes, unpack
+from qlab.core.spec import SCALE_DTYPES, QuantSpec
+
+
+@runtime_checkable
+class QTensor(Protocol):
+    """What every quantized tensor in qlab offers (see the module docstring)."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> float: ...
+
+    @property
+    def bits_per_weight(self) -> float: ...
+
+    def dequantize(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+
+KINDS: dict[str, type] = {}
+
+
+def register_kind(cls):
+    """Class decorator: make ``load_qtensor`` / ``from_state_dict`` know a QTensor class by its ``kind``."""
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def from_state_dict(state: dict) -> QTensor:
+    kind = state.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantized-tensor kind {kind!r}; known: {sorted(KINDS)} "
+                         f"(GGUF tensors register when qlab.gguf is imported)")
+    return KINDS[kind].from_state_dict(state)
+
+
+def save_qtensor(t: QTensor, path) -> None:
+    """Write a quantized tensor's state dict (torch.save of tensors and plain metadata)."""
+    torch.save(t.state_dict(), path)
+
+
+def load_qtensor(path) -> QTensor:
+    return from_state_dict(torch.load(path, weights_only=True))
+
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r} in a state dict; known: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@register_kind
+@dataclass
+class QuantizedTensor:
+    """Packed codes + scales (+ integer zero points or float minima) + the spec that made them.
+
+    ``scale`` has ``spec.granularity.scale_shape(shape)``; with double quantization it is itself a
+    QuantizedTensor of the scales minus ``scale_offset`` (their mean), as in QLoRA. ``zero_point``
+    (integers, stored in the grid's bits) and ``minimum`` (floats, stored like the scales, ``spec.float_min``)
+    never both appear:
+
+        x_hat = scale * (q - zero_point)        or        x_hat = scale * q + minimum
+    """
+
+    kind = "quantized"
+
+    spec: QuantSpec
+    shape: tuple
+    dtype: torch.dtype
+    packed: torch.Tensor  # uint8 bit stream of the codes, see qlab.core.packing
+    scale: object  # torch.Tensor | QuantizedTensor
+    zero_point: torch.Tensor | None = None
+    scale_offset: float = 0.0
+    minimum: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked integer codes, in the tensor's shape."""
+        return unpack(self.packed, self.spec.bits, self.numel).reshape(self.shape)
+
+    def scales(self) -> torch.Tensor:
+        """The scales as float32 (dequantizing them first under double quantization)."""
+        if isinstance(self.scale, QuantizedTensor):
+            return self.scale.dequantize().float() + self.scale_offset
+        return self.scale.float()
+
+    def values(self) -> torch.Tensor:
+        """Grid values q of the codes (before scaling), in the tensor's shape."""
+        return self.spec.grid.decode(self.codes())
+
+    def dequantize(self) -> torch.Tensor:
+        gran = self.spec.granularity
+        Q, _ = gran.to_groups(self.values())
+        zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()
+        mn = None if self.minimum is None else self.minimum.reshape(-1).float()
+        x_hat = _scales.dequantize_groups(Q, self.scales().reshape(-1), zp, mn)
+        return gran.from_groups(x_hat, self.shape).to(self.dtype)
+
+    # ---- honest size -------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> float:
+        """Bytes of codes + scales + zero points (at the grid's width) or minima (at the scales' width)."""
+        n = self.packed.numel()
+        if isinstance(self.scale, QuantizedTensor):
+            n += self.scale.nbytes + 4  # + the fp32 offset
+        elif self.spec.rule != "none":
+            n += self.scale.numel() * SCALE_DTYPES[self.spec.scale_dtype].itemsize
+        if self.zero_point is not None:
+            n += packed_nbytes(self.zero_point.numel(), self.spec.bits)
+        if self.minimum is not None:
+            n += self.minimum.numel() * SCALE_DTYPES[self.spec.scale_dtype].itemsize
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    # ---- saving ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        scale = self.scale.state_dict() if isinstance(self.scale, QuantizedTensor) else self.scale
+        return {"kind": self.kind, "spec": str(self.spec), "shape": list(self.shape), "dtype": str(self.dtype),
+                "packed": self.packed, "scale": scale, "zero_point": self.zero_point,
+                "scale_offset": self.scale_offset, "minimum": self.minimum}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "QuantizedTensor":
+        scale = state["scale"]
+        if isinstance(scale, dict):
+            scale = cls.from_state_dict(scale)
+        spec = QuantSpec.parse(state["spec"])
+        t = cls(spec, tuple(state["shape"]), _dtype(state["dtype"]), state["packed"], scale,
+                state["zero_point"], float(state["scale_offset"]), state.get("minimum"))
+        if t.packed.numel() != packed_nbytes(t.numel, spec.bits):
+            raise ValueError(f"state dict holds {t.packed.numel()} bytes of codes; {t.numel} codes of "
+                             f"{spec.bits} bits take {packed_nbytes(t.numel, spec.bits)}")
+        return t
+
+    def __repr__(self):
+        return (f"QuantizedTensor({self.spec}, shape={tuple(self.shape)}, "
+                f"{self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight)")
+
+
+@register_kind
+@dataclass
+class CodebookTensor:
+    """Vector quantization of a weight [out, in] over groups of ``d`` consecutive input weights:
+
+        W[o, g*d:(g+1)*d] = scale[o] * sum_m codebooks[m][codes[m, o, g]]          (AQLM, Egiazarian et al. 2024, eq. 2)
+
+    ``codes`` [M, out, in/d] are integers below K = 2**bits (stored packed, ``bits`` each); ``codebooks``
+    [M, K, d] and ``scale`` [out] are stored at fp16 (``scale`` may be None: no row scale). A codebook that
+    is a fixed table shared by every layer (QuIP#'s E8P lattice codebook, computed from 256 entries and
+    sign bits) costs nothing per tensor: ``learned_codebooks=False`` leaves it out of ``nbytes``.
+
+    Example (M=1, d=2, K=2): codebooks [[[1, 0], [0, 1]]], codes [[[1, 0]]], scale [2] -> W = [[0, 2, 2, 0]].
+    """
+
+    kind = "codebook"
+
+    shape: tuple
+    codes: torch.Tensor
+    codebooks: torch.Tensor
+    scale: torch.Tensor | None
+    bits: int
+    dtype: torch.dtype = torch.float32
+    learned_codebooks: bool = True
+
+    def __post_init__(self):
+        self.shape = tuple(self.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"a codebook tensor is a 2-d weight [out, in], got shape {self.shape}")
+        if self.codebooks.dim() != 3:
+            raise ValueError(f"codebooks must be [M, K, d], got {tuple(self.codebooks.shape)}")
+        M, K, d = self.codebooks.shape
+        out, inp = self.shape
+        if inp % d:
+            raise ValueError(f"the input width {inp} is not a multiple of the codebook's group size d={d}")
+        if K > 2**self.bits:
+            raise ValueError(f"{K} codebook entries do not fit {self.bits}-bit codes")
+        if tuple(self.codes.shape) != (M, out, inp // d):
+            raise ValueError(f"codes must be [M={M}, out={out}, in/d={inp // d}], got {tuple(self.codes.shape)}")
+        if self.codes.is_floating_point() or self.codes.numel() and (self.codes.min() < 0 or self.codes.max() >= K):
+            raise ValueError(f"codes must be integers in [0, {K}) (the codebooks have {K} entries)")
+        if self.scale is not None and tuple(self.scale.shape) != (out,):
+            raise ValueError(f"scale must have one entry per output row ({out}), got {tuple(self.scale.shape)}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group_size(self) -> int:
+        return self.codebooks.shape[2]
+
+    def dequantize(self) -> torch.Tensor:
+        M = self.codebooks.shape[0]
+        parts = torch.stack([self.codebooks[m].float()[self.codes[m].long()] for m in range(M)])  # [M, out, G, d]
+        W = parts.sum(dim=0).reshape(self.shape)
+        if self.scale is not None:
+            W = W * self.scale.float()[:, None]
+        return W.to(self.dtype)
+
+    @property
+    def nbytes(self) -> float:
+        n = packed_nbytes(self.codes.numel(), self.bits)
+        if self.learned_codebooks:
+            n += self.codebooks.numel() * 2  # fp16
+        if self.scale is not None:
+            n += self.scale.numel() * 2
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "dtype": str(self.dtype), "bits": self.bits,
+                "codes": pack(self.codes, self.bits), "n_codes": self.codes.numel(),
+                "codes_shape": list(self.codes.shape), "codebooks": self.codebooks, "scale": self.scale,
+                "learned_codebooks": self.learned_codebooks}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "CodebookTensor":
+        codes = unpack(state["codes"], state["bits"], state["n_codes"]).reshape(state["codes_shape"])
+        return cls(tuple(state["shape"]), codes, state["codebooks"], state["scale"], state["bits"],
+                   _dtype(state["dtype"]), bool(state["learned_codebooks"]))
+
+    def __repr__(self):
+        M, K, d = self.codebooks.shape
+        return (f"CodebookTensor({M}x{self.bits} over groups of {d}, shape={self.shape}, "
+                f"{self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight)")
