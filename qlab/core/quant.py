@@ -165,7 +165,7 @@ def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
     if not clipped:
         inside = torch.ones_like(x_hat)
     else:
-        levels = spec.grid.levels()
+        levels = spec.grid.levels
         ends = torch.stack([levels.min(), levels.max()]).expand(G.shape[0], 2)
         lo, hi = _scales.dequantize_groups(ends, scale, zero_point, minimum).unbind(1)
         inside = ((G >= lo[:, None]) & (G <= hi[:, None])).float()

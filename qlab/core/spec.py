@@ -9,6 +9,7 @@ command lines:
 ('int4-g128-asym-minmax', 4)
 """
 from dataclasses import dataclass
+import re
 
 import torch
 
@@ -127,7 +128,7 @@ class QuantSpec:
             return text
         if not isinstance(text, str):
             raise ValueError(f"a spec is a QuantSpec or a string such as 'int4-g128-asym-minmax', got {text!r}")
-        tokens = text.strip().lower().split("-")
+        tokens = re.split(r"-(?=\D)", text.strip().lower())  # a "-" before a digit is a sign: g32@-2, channel@-1
         fmt, rest = tokens[0], tokens[1:]
         symmetric = "asym" not in rest
         kw = dict(_defaults(fmt, symmetric), format=fmt, symmetric=symmetric)

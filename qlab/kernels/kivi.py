@@ -16,14 +16,19 @@ scale = 0.2, q = [0, 0, 2, 3] (0.5 rounds to even 0), x ~ [0.0, 0.0, 0.4, 0.6].
 Codes are packed along the channel axis in qlab's little-endian bitstream (2-bit: 4 per byte, the
 first in the lowest bits), so each token's row of D codes takes D * b / 8 bytes. The tensors may
 carry leading dimensions (batch, heads): x has shape [..., T, D]. KIVI also keeps the most recent
-tokens in full precision (the residual); that bookkeeping belongs to the cache, not to this kernel.
+tokens in full precision (the residual); that bookkeeping belongs to the cache (``qlab.methods.kv``), not to
+this kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 
 import torch
 
+from qlab.core.packing import packed_nbytes
+from qlab.core.spec import QuantSpec
+from qlab.core.tensor import register_kind
 from qlab.kernels import dispatch
 
 tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.Kernel)
@@ -31,15 +36,68 @@ tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.K
 AXES = {"key": 0, "value": 1}  # the axis of [T, D] along which a group runs: tokens for keys, channels for values
 
 
+@register_kind
 @dataclass
 class KVQuantized:
+    """Quantized keys or values in the kernel's layout; implements the quantized-tensor protocol.
+
+    It is the core spec ``self.spec`` (int{bits}, float minimum, fp32 scales, groups of G tokens per channel
+    for keys, of G channels per token for values) with the statistics laid out for the kernel: keys
+    [..., ceil(T/G), D] where the core keeps [..., D, ceil(T/G)]; :meth:`to_quantized` gives the core tensor.
+    """
+
+    kind = "kivi"
+
     packed: torch.Tensor  # uint8 [..., T, D * bits / 8]
     scale: torch.Tensor  # fp32: keys [..., ceil(T/G), D], values [..., T, ceil(D/G)]
     minimum: torch.Tensor  # fp32, same shape as scale
     shape: tuple  # [..., T, D]
     bits: int
     group_size: int
-    kind: str  # 'key' or 'value'
+    which: str  # 'key' or 'value'
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The equivalent core spec (see ``qlab.methods.kv.kivi.kivi_spec``)."""
+        axis = "@-2" if self.which == "key" else ""
+        return QuantSpec.parse(f"int{self.bits}-g{self.group_size}{axis}-asym-minmax-fmin-sfp32")
+
+    @property
+    def nbytes(self) -> int:
+        """Codes + fp32 scales + fp32 minima."""
+        return self.packed.numel() + 4 * (self.scale.numel() + self.minimum.numel())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / math.prod(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return kivi_dequantize_reference(self).to(self.dtype)
+
+    def to_quantized(self):
+        """The same codes and statistics as a core ``QuantizedTensor`` of :attr:`spec`."""
+        from qlab.core.tensor import QuantizedTensor
+
+        stats = (lambda s: s.transpose(-1, -2)) if self.which == "key" else (lambda s: s)
+        return QuantizedTensor(self.spec, tuple(self.shape), self.dtype, self.packed.reshape(-1), stats(self.scale).contiguous(),
+                               minimum=stats(self.minimum).contiguous())
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "packed": self.packed, "scale": self.scale, "minimum": self.minimum,
+                "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "which": self.which,
+                "dtype": str(self.dtype)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "KVQuantized":
+        from qlab.core.tensor import _dtype
+
+        t = cls(state["packed"], state["scale"], state["minimum"], tuple(state["shape"]), int(state["bits"]),
+                int(state["group_size"]), state["which"], _dtype(state["dtype"]))
+        _check(t.shape, t.bits, t.group_size, t.which)
+        if t.packed.numel() != packed_nbytes(math.prod(t.shape), t.bits):
+            raise ValueError(f"{t.packed.numel()} bytes cannot hold the codes of a {t.shape} tensor at {t.bits} bits")
+        return t
 
 
 def _stats_shape(t: int, d: int, g: int, kind: str) -> tuple:
@@ -90,7 +148,7 @@ def kivi_dequantize_reference(qkv: KVQuantized) -> torch.Tensor:
     per_byte = 8 // qkv.bits
     p = qkv.packed.reshape(-1, t, d // per_byte).to(torch.int64)
     q = ((p[..., None] >> (qkv.bits * torch.arange(per_byte, device=p.device))) & (2**qkv.bits - 1)).reshape(-1, t, d)
-    axis = 1 if qkv.kind == "key" else 2
+    axis = 1 if qkv.which == "key" else 2
     scale = qkv.scale.reshape(q.shape[0], *qkv.scale.shape[-2:]).repeat_interleave(qkv.group_size, axis)
     mn = qkv.minimum.reshape(scale.shape[0], *qkv.minimum.shape[-2:]).repeat_interleave(qkv.group_size, axis)
     return (q.float() * scale[:, :t, :d] + mn[:, :t, :d]).reshape(qkv.shape)
@@ -196,6 +254,6 @@ def kivi_dequantize(qkv: KVQuantized, dtype=torch.float32, backend: str | None =
     grid = lambda meta: (dispatch.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
     _dequantize_kernel.launch(backend, grid, qkv.packed.contiguous(), qkv.scale.contiguous(),
                               qkv.minimum.contiguous(), out, numel, t, d, qkv.scale.shape[-1],
-                              BITS=qkv.bits, GROUP=qkv.group_size, AXIS=AXES[qkv.kind],
+                              BITS=qkv.bits, GROUP=qkv.group_size, AXIS=AXES[qkv.which],
                               enable_fp_fusion=False)  # no FMA: bit-exact with the reference
     return out.reshape(qkv.shape)

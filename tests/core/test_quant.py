@@ -217,3 +217,60 @@ def test_qparams_are_the_scales_quantize_stores(text, weight):
     assert (zero_point is None) == (qt.zero_point is None)
     if zero_point is not None:
         assert torch.equal(zero_point, qt.zero_point.reshape(-1).float())
+
+
+# ---- straight-through fake quantization -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["int4-g32-sym-mse", "int3-g32-asym-mse", "int4-g32-asym-minmax-fmin", "nf4",
+                                  "fp8_e4m3", "int8-channel"])
+def test_ste_forward_is_fake_quant_bit_for_bit(spec):
+    x = (torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) ** 3).requires_grad_()
+    from qlab import fake_quant_ste
+
+    assert torch.equal(fake_quant_ste(x, spec), fake_quant(x.detach(), spec))
+
+
+def test_ste_gradient_is_one_inside_the_range_and_zero_outside():
+    """int4, symmetric, groups of 32, MSE-clipped scales: heavy tails fall outside [-7 s, 7 s] and get no
+    gradient (clipped STE); everything inside gets exactly 1. Unclipped: 1 everywhere."""
+    from qlab import fake_quant_ste
+
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) ** 3).requires_grad_()
+    spec = "int4-g32-sym-mse"
+    g = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))  # an upstream gradient
+    (fake_quant_ste(x, spec) * g).sum().backward()
+    scale = quantize(x.detach(), spec).scales().repeat_interleave(32, dim=1)  # [4, 64]
+    inside = (x.detach().abs() <= 7 * scale)
+    assert 0 < (~inside).sum() < inside.sum()  # the search clipped some outliers
+    assert torch.equal(x.grad, g * inside)
+    x.grad = None
+    (fake_quant_ste(x, spec, clipped=False) * g).sum().backward()
+    assert torch.equal(x.grad, g)
+
+
+def test_ste_range_of_an_asymmetric_grid_by_hand():
+    """int2 with a zero point on [0, 3]: scale 1, zero point 0 -> levels 0..3; x = 3.4 is clipped, 0.2 is not."""
+    from qlab import fake_quant_ste
+
+    x = torch.tensor([0.2, 1.0, 3.0, 3.4], requires_grad=True)
+    qt = quantize(x.detach(), "int2-tensor-asym-minmax")
+    s = qt.scales().item()
+    y = fake_quant_ste(x, "int2-tensor-asym-minmax")
+    y.sum().backward()
+    hi = s * (3 - qt.zero_point.item())
+    assert x.grad.tolist() == [float(v <= hi) for v in x.detach().tolist()]
+
+
+def test_a_detached_fake_quant_trains_nothing():
+    """detach(round(W / s) * s), the naive fake quant, cuts the graph: W gets no gradient at all."""
+    from qlab import fake_quant_ste
+
+    W = torch.randn(8, 32, requires_grad=True)
+    naive = (torch.round(W / 0.1) * 0.1).detach()
+    assert not naive.requires_grad and not fake_quant(W, "int4-g32").requires_grad  # nothing to backpropagate
+    loss = ((torch.round(W / 0.1) * 0.1) ** 2).sum()  # without detach: round's gradient is zero almost everywhere
+    loss.backward()
+    assert W.grad.abs().sum() == 0
+    W.grad = None
+    fake_quant_ste(W, "int4-g32").sum().backward()
+    assert W.grad is not None and W.grad.abs().sum() > 0

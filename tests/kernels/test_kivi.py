@@ -51,3 +51,26 @@ def test_bad_inputs():
         kivi_quantize(torch.randn(4, 6), bits=2)
     with pytest.raises(ValueError, match="power of two"):
         kivi_quantize(torch.randn(4, 8), group_size=12)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_kivi_is_a_core_spec(seeded, bits, kind):
+    """The kernel's codes, scales and minima equal the core quantizer's with KIVI's spec (float minimum,
+    groups of G tokens per channel for keys), bit for bit; the tensor implements the protocol."""
+    from qlab import QTensor, quantize
+    from qlab.core.tensor import from_state_dict
+    from qlab.methods.kv.kivi import kivi_spec
+
+    x = torch.randn(2, 3, 45, 40, generator=seeded(bits + 10)) * 2
+    x[0, 0, :, 5] = 1.0  # a constant channel
+    kv = kivi_quantize_reference(x, bits, 16, kind)
+    core = quantize(x, kivi_spec(kind, bits, 16))
+    assert kv.spec == core.spec
+    mine = kv.to_quantized()
+    assert torch.equal(mine.packed, core.packed)
+    assert torch.equal(mine.scale, core.scale) and torch.equal(mine.minimum, core.minimum)
+    assert torch.equal(core.dequantize(), kivi_dequantize_reference(kv))
+    assert isinstance(kv, QTensor) and kv.nbytes == core.nbytes
+    again = from_state_dict(kv.state_dict())
+    assert torch.equal(again.dequantize(), kv.dequantize()) and again.which == kind

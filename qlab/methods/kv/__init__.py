@@ -1,0 +1,1 @@
+"""KV-cache quantization: what is stored for the keys and values a later token attends to."""
