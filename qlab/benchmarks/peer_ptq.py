@@ -229,7 +229,7 @@ def main(argv=None):
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--block-size", type=int, default=128, help="GPTQ column block")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch (qlab's gptq_model uses 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch (qlab's model walker uses 8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)

@@ -17,6 +17,17 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@torch.no_grad()
+def _logit_errors(model, reference, names, tokens):
+    """Mean squared logit error against ``reference`` of ``model``, and of RTN (fake_quant) on the same Linears."""
+    rtn_model = copy.deepcopy(reference)
+    for name in names:
+        w = rtn_model.get_submodule(name).weight
+        w.data = fake_quant(w.data, SPEC)
+    ref = reference(input_ids=tokens).logits
+    return tuple(float(((m(input_ids=tokens).logits - ref) ** 2).mean()) for m in (model, rtn_model))
+
+
 def test_sequential_gptq_on_a_tiny_llama():
     model = tiny_llama()
     reference = copy.deepcopy(model)
@@ -43,14 +54,7 @@ def test_sequential_gptq_on_a_tiny_llama():
     assert same > 0.999
 
     # and the quantized model is closer to the float one than round-to-nearest on every linear
-    rtn_model = copy.deepcopy(reference)
-    for name in results:
-        w = rtn_model.get_submodule(name).weight
-        w.data = fake_quant(w.data, SPEC)
-    with torch.no_grad():
-        ref = reference(input_ids=calib).logits
-        e_gptq = float(((model(input_ids=calib).logits - ref) ** 2).mean())
-        e_rtn = float(((rtn_model(input_ids=calib).logits - ref) ** 2).mean())
+    e_gptq, e_rtn = _logit_errors(model, reference, results, calib)
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
 
 
@@ -74,7 +78,7 @@ def test_one_pass_mode_shares_inputs():
         assert torch.equal(again.codes(), results[f"model.layers.0.self_attn.{name}"].codes())
 
 
-def test_awq_model_on_a_tiny_llama():
+def test_awq_through_the_walker_on_a_tiny_llama():
     model = tiny_llama()
     for name, p in model.named_parameters():  # give the activations outlier channels, as in real LLMs
         if "layernorm" in name:
@@ -88,12 +92,5 @@ def test_awq_model_on_a_tiny_llama():
     assert len(results) == 2 * 7
     for name, qt in results.items():
         assert torch.equal(model.get_submodule(name).weight.data, qt.dequantize())
-    rtn_model = copy.deepcopy(reference)
-    for name in results:
-        w = rtn_model.get_submodule(name).weight
-        w.data = fake_quant(w.data, SPEC)
-    with torch.no_grad():
-        ref = reference(input_ids=calib).logits
-        e_awq = float(((model(input_ids=calib).logits - ref) ** 2).mean())
-        e_rtn = float(((rtn_model(input_ids=calib).logits - ref) ** 2).mean())
+    e_awq, e_rtn = _logit_errors(model, reference, results, calib)
     assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
