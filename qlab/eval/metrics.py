@@ -16,6 +16,10 @@ positions where argmax P == argmax Q. The reference log-probabilities are comput
 (:func:`reference_logprobs`) and cached, in float16 by default to halve memory (40 windows of
 512 tokens x 49,152 vocabulary = 2 GB); Q is rounded to the same dtype before the difference,
 so an unchanged model gives KL exactly 0 and 100 % agreement.
+
+Nothing is reported that is not a number: windows must hold at least one window of at least 2 token ids
+inside the model's vocabulary, and logits holding NaN or inf (a damaged weight, an overflowing quantized
+layer) raise a ValueError instead of a perplexity of nan.
 """
 
 from __future__ import annotations
@@ -43,14 +47,58 @@ class Reference:
         return float(torch.exp(self.nll.mean()))
 
 
+def _vocab_size(model) -> int | None:
+    """Rows of the model's input embedding (the ids it can look up), when it says."""
+    get = getattr(model, "get_input_embeddings", None)
+    n = getattr(get(), "num_embeddings", None) if callable(get) else None
+    return n if n is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _check_ids(windows: torch.Tensor, vocab: int, offset: int = 0) -> None:
+    bad = (windows < 0) | (windows >= vocab)
+    if bad.any():
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"windows hold token id {int(windows[i, j])} (window {offset + i}, position {j}) outside the "
+                         f"model's vocabulary [0, {vocab}): tokenize the text with the model's own tokenizer")
+
+
+def _check_windows(model, windows) -> None:
+    """Windows the protocol can score: [n >= 1, L >= 2] integer ids inside the vocabulary."""
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must be [n_windows, seq_len], got shape {shape}")
+    n, length = windows.shape
+    if n == 0:
+        raise ValueError(f"windows hold no window (shape {tuple(windows.shape)}): pass at least one, "
+                         f"e.g. wikitext2_windows(tokenizer, n_windows=8)")
+    if length < 2:
+        raise ValueError(f"windows of {length} token score nothing: a window of L tokens scores its L - 1 "
+                         f"next-token predictions, so use seq_len >= 2 (got shape {tuple(windows.shape)})")
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise ValueError(f"windows must hold integer token ids, got {windows.dtype}: pass the tokenizer's ids "
+                         f"(torch.long)")
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        _check_ids(windows, vocab)
+
+
 def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
-    if windows.ndim != 2:
-        raise ValueError(f"windows must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         yield start, windows[start : start + batch_size]
+
+
+def _check_logits(logits: torch.Tensor, batch: torch.Tensor, start: int) -> None:
+    """The logits are finite and as wide as the ids need (for models that do not say their vocabulary)."""
+    _check_ids(batch, logits.shape[-1], start)
+    finite = torch.isfinite(logits).flatten(1).all(1)
+    if not finite.all():
+        window = start + int((~finite).nonzero()[0])
+        raise ValueError(f"the model's logits hold NaN or inf (window {window}): no perplexity is reported. A weight "
+                         f"may be non-finite (a damaged checkpoint or cache: load_model checks them) or a quantized "
+                         f"layer overflowed; check the model with torch.isfinite on its parameters")
 
 
 @torch.no_grad()
@@ -70,10 +118,11 @@ def reference_logprobs(
     model, windows: torch.Tensor, batch_size: int = 1, dtype=torch.float16, progress: bool = True
 ) -> Reference:
     """Run the reference model once and cache what the comparison needs."""
-    n, length = windows.shape
+    _check_windows(model, windows)
     logprobs, top1, nll = [], [], []
-    for _, batch in _batches(windows, batch_size, "reference", progress):
+    for start, batch in _batches(windows, batch_size, "reference", progress):
         logits = _next_token_logits(model, batch)
+        _check_logits(logits, batch, start)
         lp = F.log_softmax(logits, dim=-1)
         nll.append(_nll(lp, batch))
         top1.append(logits.argmax(-1))
@@ -95,12 +144,14 @@ def evaluate(
     ``s_per_window`` and, with a reference, ``ppl_ref``, ``kl_mean``, ``kl_median``, ``kl_p99``,
     ``top1`` (fraction in [0, 1]) and ``delta_ppl_pct`` (100 * (ppl / ppl_ref - 1)).
     """
+    _check_windows(model, windows)
     if reference is not None and not torch.equal(reference.windows, windows):
         raise ValueError("reference was computed on different windows")
     t0 = time.perf_counter()
     nll, kl, agree = [], [], []
     for start, batch in _batches(windows, batch_size, "evaluate", progress):
         logits = _next_token_logits(model, batch)
+        _check_logits(logits, batch, start)
         lq = F.log_softmax(logits, dim=-1)
         nll.append(_nll(lq, batch))
         if reference is not None:
@@ -111,6 +162,9 @@ def evaluate(
             agree.append(logits.argmax(-1) == reference.top1[start : start + batch.shape[0]])
     seconds = time.perf_counter() - t0
     nll = torch.cat(nll)
+    if not torch.isfinite(nll.mean()) or not math.isfinite(float(torch.exp(nll.mean()))):
+        raise ValueError(f"the mean NLL {float(nll.mean()):.4g} nats gives no finite perplexity: the model's "
+                         f"predictions are degenerate (check its weights and logits)")
     out = {
         "ppl": float(torch.exp(nll.mean())),
         "nll": float(nll.mean()),

@@ -24,6 +24,16 @@ configuration is written at once to ``<results_dir>/<key>.json``, where ``key`` 
 configuration (label excluded) and the protocol; a re-run reads those files and skips them, so
 killing a sweep loses only the configuration it was working on.
 
+The results store checks itself. Before anything is computed, every configuration of the grid is checked
+(its keys, mode, method, specs and options, and its recipe patterns against the loaded model) and every bad one
+is named in one error, and the results folder must be writable. Each result file stores its ``key``, the full
+``config_hash`` (SHA-256 of the configuration and protocol, whose first 12 hex digits are the key), the
+``config`` itself and a ``checksum`` (SHA-256 of the row). A file that is empty, half-written, not JSON, misses
+fields, holds another configuration's row or was edited since it was written is moved aside to
+``<key>.json.bad-<time>`` with a :class:`ResultFileWarning` naming it, and its configuration is computed again.
+Files written before these checks existed (no hash, no checksum) are used when their key and description
+(model, method, recipe, mode, protocol) match the configuration, and gain the checks.
+
 Columns of the table: label, model, method, recipe, mode, calib_windows, key, ppl, ppl_ref, delta_ppl_pct, kl_mean,
 kl_median, kl_p99, top1, quantized_bpw, linear_bpw, size_mb, quant_seconds, eval_seconds,
 s_per_window, aligned_q4_1 (True when a spec groups weights in 32s, i.e. exactly the embedded
@@ -34,7 +44,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,13 +78,22 @@ class EvalProtocol:
         return f"{self.n_windows} non-overlapping windows of {self.seq_len} tokens ({self.pick}), {where}, no BOS"
 
 
-def config_key(config: dict, protocol: EvalProtocol) -> str:
-    """12-hex-digit hash of everything that changes the numbers (not the label)."""
+def _config_text(config: dict, protocol: EvalProtocol) -> str:
+    """Canonical JSON of everything that changes the numbers (the configuration without its label, the protocol)."""
     payload = {k: v for k, v in config.items() if k != "label"}
     payload.setdefault("mode", "fake")
     payload["protocol"] = asdict(protocol)
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+def config_hash(config: dict, protocol: EvalProtocol) -> str:
+    """SHA-256 (64 hex digits) of everything that changes the numbers (not the label)."""
+    return hashlib.sha256(_config_text(config, protocol).encode()).hexdigest()
+
+
+def config_key(config: dict, protocol: EvalProtocol) -> str:
+    """12-hex-digit hash of everything that changes the numbers (not the label): ``config_hash[:12]``."""
+    return config_hash(config, protocol)[:12]
 
 
 def aligned_q4_1(recipe: dict) -> bool:
@@ -151,6 +173,17 @@ def config_recipe(config: dict) -> tuple[dict, dict]:
     return weight_only({"method": method, "spec": config["spec"], **options}), walker_options
 
 
+def config_method(config: dict) -> str:
+    """The method column of a configuration: its 'method', or the one method its recipe uses ('mixed' for
+    several, 'float' for none)."""
+    from qlab.models.walker import entry
+
+    if "method" in config:
+        return config["method"]
+    methods = {e.method for e in map(entry, config.get("recipe", {}).values()) if e is not None}
+    return methods.pop() if len(methods) == 1 else ("mixed" if methods else "float")
+
+
 def _calib_windows(config: dict) -> int:
     """How many calibration windows a configuration uses (0 when no method in it calibrates)."""
     from qlab.methods import get_method
@@ -172,9 +205,15 @@ def _quantize(config: dict, model, session):
     return qmodel, size, recipe
 
 
+def _recipe_text(recipe: dict) -> dict:
+    """A recipe as stored in a result row: each entry as its string."""
+    from qlab.models.walker import entry
+
+    return {k: (None if v is None else str(entry(v))) for k, v in recipe.items()}
+
+
 def run_one(config: dict, session: _Session) -> dict:
     from qlab.eval import evaluate
-    from qlab.models.walker import entry
 
     name = config.get("model", EMBEDDED)
     model, _ = session.model(name)
@@ -187,8 +226,8 @@ def run_one(config: dict, session: _Session) -> dict:
     return {
         "label": config.get("label", ""),
         "model": name,
-        "method": config.get("method", "rtn"),
-        "recipe": {k: (None if v is None else str(entry(v))) for k, v in recipe.items()},
+        "method": config_method(config),
+        "recipe": _recipe_text(recipe),
         "mode": config.get("mode", "fake"),
         "calib_windows": _calib_windows(config),
         **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1", "window_nll")},
@@ -201,6 +240,164 @@ def run_one(config: dict, session: _Session) -> dict:
     }
 
 
+# ---- checking the grid and the results folder before computing anything ----
+
+CONFIG_KEYS = ("label", "model", "recipe", "mode", "method", "spec", "calib_windows", "options")
+
+
+def _config_problem(config) -> str | None:
+    """Why a configuration cannot run (without loading its model), or None."""
+    if not isinstance(config, dict):
+        return f"a configuration is a dict, got {type(config).__name__}"
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        return f"unknown key {unknown}; a configuration takes {', '.join(CONFIG_KEYS)}"
+    if not isinstance(config.get("model", EMBEDDED), str):
+        return f"'model' must be a model name (str), got {config['model']!r}"
+    if config.get("mode", "fake") not in ("fake", "packed"):
+        return f"mode must be 'fake' or 'packed', got {config['mode']!r}"
+    if not isinstance(config.get("options", {}), dict):
+        return f"'options' must be a dict of method options, got {config['options']!r}"
+    n = config.get("calib_windows", 32)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"calib_windows must be an integer >= 1, got {n!r}"
+    try:
+        recipe, _ = config_recipe(config)
+        if not isinstance(recipe, dict):
+            return f"a recipe is a dict of name patterns -> entries, got {type(recipe).__name__}"
+        _calib_windows(config)  # every entry parses: method, spec and options
+    except (ValueError, KeyError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _pattern_problem(config, model) -> str | None:
+    """Why a configuration's recipe does not fit the loaded model (a pattern matching no layer), or None."""
+    from qlab.models.walker import resolve
+
+    try:
+        resolve(model, config_recipe(config)[0])
+    except (ValueError, KeyError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _refuse(problems: dict, configs: list) -> None:
+    if problems:
+        lines = "".join(f"\n  #{i} {_label(configs[i])}: {p}" for i, p in sorted(problems.items()))
+        raise ValueError(f"{len(problems)} of {len(configs)} configurations are invalid; nothing was computed "
+                         f"(fix or drop them and run again):{lines}")
+
+
+def _label(config) -> str:
+    return repr(config.get("label", "")) if isinstance(config, dict) else "''"
+
+
+def _check_writable(folder: Path) -> None:
+    """The results folder exists (made if needed) and takes a new file, or a clear error before computing."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"results folder {folder} is not a folder (a file of that name exists): pass another "
+                         f"results_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"results folder {folder} is not writable ({e.strerror or e}), so finished configurations "
+                         f"could not be kept; nothing was computed. Pass a results_dir you can write to, or fix the "
+                         f"folder's permissions") from e
+
+
+# ---- result files: written atomically, checked when read ----
+
+class ResultFileWarning(UserWarning):
+    """A result file was damaged or did not belong to its configuration: it was moved aside and recomputed."""
+
+
+# fields every result row has, from the first qlab version that wrote them
+ROW_FIELDS = ("label", "key", "model", "method", "recipe", "mode", "calib_windows", "ppl", "ppl_ref",
+              "delta_ppl_pct", "kl_mean", "kl_median", "kl_p99", "top1", "quantized_bpw", "protocol")
+# fields that check a row; kept out of the table
+CHECK_FIELDS = ("config", "config_hash", "checksum")
+
+
+def _checksum(row: dict) -> str:
+    """SHA-256 of a row's canonical JSON (every field but the checksum)."""
+    text = json.dumps({k: v for k, v in row.items() if k != "checksum"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_row(path: Path, row: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename (a killed run never leaves half a
+    file, and two runs never write into the same temporary file)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(row, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _described(row: dict, config: dict, protocol: EvalProtocol) -> bool:
+    """Does a row without hash and checksum (an earlier qlab's) describe this configuration?"""
+    recipe, _ = config_recipe(config)
+    expected = {"model": config.get("model", EMBEDDED), "method": config_method(config),
+                "mode": config.get("mode", "fake"), "recipe": _recipe_text(recipe),
+                "calib_windows": _calib_windows(config), "protocol": protocol.describe()}
+    return all(row.get(k) == v for k, v in expected.items())
+
+
+def _read_row(path: Path, key: str, config: dict, protocol: EvalProtocol) -> tuple[dict | None, str | None]:
+    """``(row, None)`` for a sound result file of this configuration, ``(None, why not)`` otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text (damaged)"
+    if not text.strip():
+        return None, "is empty (a write that never finished)"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"is not valid JSON ({e.msg} at line {e.lineno}): half-written or damaged"
+    if not isinstance(row, dict):
+        return None, f"holds a JSON {type(row).__name__}, not a result row"
+    missing = [f for f in ROW_FIELDS if f not in row]
+    if missing:
+        return None, f"misses the fields {missing}"
+    if row["key"] != key:
+        return None, f"holds the row of configuration {row['key']!r} (label {row['label']!r}), not of {key!r}"
+    if any(f in row for f in CHECK_FIELDS):
+        if row.get("config_hash") != config_hash(config, protocol):
+            return None, "was computed for another configuration or protocol (its config_hash differs)"
+        if row.get("checksum") != _checksum(row):
+            return None, "was edited after it was written (its checksum differs)"
+        return row, None
+    if not _described(row, config, protocol):  # an earlier qlab's row: no hash, no checksum
+        return None, "describes another configuration (model, method, recipe, mode or protocol differ)"
+    _write_row(path, _with_checks(row, config, protocol))
+    return row, None
+
+
+def _with_checks(row: dict, config: dict, protocol: EvalProtocol) -> dict:
+    row = {k: v for k, v in row.items() if k not in CHECK_FIELDS}
+    row["config"] = json.loads(_config_text(config, protocol))
+    row["config_hash"] = config_hash(config, protocol)
+    row["checksum"] = _checksum(row)
+    return row
+
+
+def _move_aside(path: Path, why: str, index: int, config: dict) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = path.with_name(f"{path.name}.bad-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.bad-{stamp}-{n}"), n + 1
+    path.rename(aside)
+    warnings.warn(f"result file {path} {why}; moved it to {aside.name} and recomputing configuration {index} "
+                  f"{_label(config)}", ResultFileWarning, stacklevel=3)
+
+
 def run_sweep(
     configs: list[dict],
     protocol: EvalProtocol = EvalProtocol(),
@@ -211,25 +408,57 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run every configuration not already on disk; return the table of all of them.
 
-    ``load(name) -> (model, tokenizer)`` is injectable (tests use a tiny model).
+    Before computing anything: every configuration is checked (bad ones are all named in one error), the
+    results folder must be writable, and stored result files are checked (a damaged or foreign one is moved
+    aside and recomputed, see the module docstring). ``load(name) -> (model, tokenizer)`` is injectable
+    (tests use a tiny model).
     """
+    configs = list(configs)
+    problems = {i: p for i, c in enumerate(configs) if (p := _config_problem(c))}
+    keys = {i: config_key(c, protocol) for i, c in enumerate(configs) if i not in problems}
+    first = {}
+    for i, k in keys.items():
+        if k in first:
+            j = first[k]
+            raise ValueError(f"configurations #{j} {_label(configs[j])} and #{i} {_label(configs[i])} are identical "
+                             f"(same model, recipe, mode; labels do not count): drop one")
+        first[k] = i
     results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    keys = [config_key(c, protocol) for c in configs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("two configurations are identical (same model, recipe, mode)")
+    _check_writable(results_dir)
+
+    rows = {}
+    for i, key in keys.items():
+        path = results_dir / f"{key}.json"
+        if path.exists():
+            row, why = _read_row(path, key, configs[i], protocol)
+            if row is None:
+                _move_aside(path, why, i, configs[i])
+            else:
+                rows[key] = row
+    todo = [(i, k, configs[i]) for i, k in keys.items() if k not in rows]
+
+    # recipe patterns against each model, before computing anything: the models in reverse order, so that the
+    # first one to compute is the one left loaded
     session = _Session(protocol, batch_size, load, progress)
-    todo = [(k, c) for k, c in zip(keys, configs) if not (results_dir / f"{k}.json").exists()]
-    for key, config in tqdm(todo, desc="sweep", disable=not progress):
+    names = list(dict.fromkeys(c.get("model", EMBEDDED) for _, _, c in todo))
+    for name in reversed(names):
+        model, _ = session.model(name)
+        problems.update({i: p for i, _, c in todo if c.get("model", EMBEDDED) == name
+                         and (p := _pattern_problem(c, model))})
+    _refuse(problems, configs)
+
+    for _, key, config in tqdm(todo, desc="sweep", disable=not progress):
         row = run_one(config, session)
         row["key"] = key
-        tmp = results_dir / f"{key}.json.tmp"
-        tmp.write_text(json.dumps(row, indent=1))
-        tmp.rename(results_dir / f"{key}.json")  # atomic: a killed run never leaves half a file
-    rows = [json.loads((results_dir / f"{k}.json").read_text()) for k in keys]
-    for row, config in zip(rows, configs):
+        row = _with_checks(row, config, protocol)
+        _write_row(results_dir / f"{key}.json", row)
+        rows[key] = json.loads(json.dumps(row))  # the table holds what the file holds
+    table = []
+    for key, config in zip(keys.values(), configs):
+        row = {k: v for k, v in rows[key].items() if k not in CHECK_FIELDS}
         row["label"] = config.get("label", row["label"])
-    return pd.DataFrame(rows)
+        table.append(row)
+    return pd.DataFrame(table)
 
 
 def pareto_front(df: pd.DataFrame, x: str = "quantized_bpw", y: str = "ppl") -> pd.DataFrame:

@@ -88,7 +88,7 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", backend: str | Non
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     backend = dispatch.resolve(backend)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = dispatch.finite(x).reshape(-1, x.shape[-1]).contiguous()
     per_token = granularity == "token"
     if backend == "torch":
         q, scale = quantize_fp8_reference(x2, granularity)

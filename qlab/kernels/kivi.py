@@ -222,6 +222,7 @@ def kivi_quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32, kind: st
                   backend: str | None = None) -> KVQuantized:
     """Quantize keys (per channel) or values (per token) of shape [..., T, D] in groups of ``group_size``."""
     _check(x.shape, bits, group_size, kind)
+    dispatch.finite(x)
     backend = dispatch.resolve(backend)
     if backend == "torch":
         return kivi_quantize_reference(x, bits, group_size, kind)

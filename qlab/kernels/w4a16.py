@@ -48,15 +48,21 @@ class Int4Weight:
 
     @classmethod
     def from_quantized(cls, qt) -> "Int4Weight":
-        """Adapt a 4-bit per-group ``qlab.core.quant.QuantizedTensor`` (e.g. spec 'int4-g128-asym-minmax')."""
-        from qlab.core.granularity import PerGroup
-
+        """Adapt a 4-bit integer per-group ``qlab.core.tensor.QuantizedTensor`` (e.g. 'int4-g128-asym-minmax').
+        Other 4-bit grids (NF4, FP4 E2M1) or float minima are refused by name: this kernel computes
+        scale * (code - zero) on an integer grid."""
         spec = qt.spec
-        if spec.bits != 4 or not isinstance(spec.granularity, PerGroup) or len(qt.shape) != 2:
-            raise ValueError(f"W4A16 needs a 2-D weight quantized with a 4-bit per-group spec, got {qt!r}")
+        if not spec.format.startswith("int") or spec.bits != 4:
+            raise ValueError(f"W4A16 implements the int4 grid (scale * (code - zero)); {spec.format!r} is another grid "
+                             f"(use the NF4 kernel for 'nf4-b<size>-dq', or dequantize)")
+        if spec.float_min or spec.double_quant:
+            raise ValueError(f"W4A16 takes integer zero points and plain scales, not {spec}")
+        shape = tuple(qt.shape)
+        if len(shape) != 2 or str(spec.granularity)[:1] != "g" or not spec.granularity.per_row(shape):
+            raise ValueError(f"W4A16 needs a 2-D weight with scales per group along its rows (gN), got {qt!r}")
         qmin = spec.grid.decode(torch.tensor([0])).item()  # value of code 0: -8 (int4), -7 (restricted), 0 (uint4)
         zero = None if qt.zero_point is None else qt.zero_point.float() - qmin
-        return cls(qt.packed, qt.scales(), zero, tuple(qt.shape), spec.granularity.size, -qmin)
+        return cls(qt.packed, qt.scales(), zero, shape, spec.granularity.columns_per_scale(shape), -qmin)
 
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.packed, self.shape[0] * self.shape[1]).reshape(self.shape)

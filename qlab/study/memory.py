@@ -54,6 +54,10 @@ LLAMA2 = {
 
 def weight_bytes(n_params: float, fmt: str | float = "fp16") -> float:
     """Bytes of the weights: ``n_params`` x bytes per weight (a format name or bits per weight)."""
+    if not n_params >= 0:
+        raise ValueError(f"n_params must be a non-negative count, got {n_params!r}")
+    if not isinstance(fmt, str) and not (isinstance(fmt, (int, float)) and fmt > 0):
+        raise ValueError(f"bits per weight must be a positive number (or a format name), got {fmt!r}")
     if isinstance(fmt, str):
         if fmt not in BYTES_PER_WEIGHT:
             raise ValueError(f"unknown format {fmt!r}; known: {', '.join(BYTES_PER_WEIGHT)} (or pass bits)")

@@ -274,3 +274,54 @@ def test_a_detached_fake_quant_trains_nothing():
     W.grad = None
     fake_quant_ste(W, "int4-g32").sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
+
+
+# ---- bad and edge inputs (issue 16) -------------------------------------------------------------------------
+
+def test_fp16_scale_underflow_is_an_error_that_names_the_fix():
+    """int4 g32 on values ~1e-8: the fp16 scale rounds to 0 (it used to be replaced by 1, de-quantizing to all
+    zeros). int8 at |w| ~ 2e-6 stores a deep-subnormal fp16 scale (25% error before); fp32 scales are exact."""
+    tiny = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="underflow fp16.*-sfp32"):
+        quantize(tiny * 1e-8, "int4-g32")
+    with pytest.raises(ValueError, match="underflow fp16"):
+        quantize(tiny * 2e-6, "int8")
+    x = tiny * 2e-6
+    assert float((quantize(x, "int8-sfp32").dequantize() - x).norm() / x.norm()) < 0.01
+    # mild subnormals (scale 3e-5, ~0.1% rounding) still quantize: weights this small are real
+    assert quantize(tiny * 4e-3, "int8").dequantize().abs().max() > 0
+
+
+@pytest.mark.parametrize("spec", ["binary-channel", "binary-g32", "ternary", "int4-g32", "int3-g32-asym-minmax", "nf4"])
+def test_all_zero_groups_come_back_as_zeros(spec):
+    """A zero row (or group) with its own scale de-quantizes to exact zeros on every grid; a binary grid
+    {-1, 1} used to give -1. (With one scale for the whole tensor a binary grid has no way to say 0: a zero
+    row then comes back as -scale; give it a scale per channel or group.)"""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    x[1] = 0.0
+    x[2, :32] = 0.0
+    for out in (quantize(x, spec).dequantize(), fake_quant(x, spec)):
+        assert (out[1] == 0).all() and (out[0] != 0).any()
+        if spec != "binary-channel":  # a zero half-row is a zero group of 32 (or zeros on a grid with a 0 level)
+            assert (out[2, :32] == 0).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("int4-g128-g64", "granularity twice"), ("int4-mse-absmax", "scale rule twice"), ("int4-sym-asym", "symmetry twice"),
+    ("int4-sfp16-sfp32", "scale dtype twice"), ("int4-asym-full", "'-full'"), ("int4-channel@x", "not an integer"),
+])
+def test_ambiguous_specs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec.parse(bad)
+
+
+def test_given_quantization_parameters_are_checked():
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"one value per group \(8\), got 3"):
+        quantize(x, "int4-g32", scale=torch.ones(3))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize(x, "int4-g32", scale=torch.full((8,), float("nan")))
+    with pytest.raises(ValueError, match="non-negative"):
+        quantize(x, "int4-g32", scale=-torch.ones(8))
+    with pytest.raises(ValueError, match="already an 8-bit float"):
+        quantize(x.to(torch.float8_e4m3fn), "int4-g32")

@@ -113,3 +113,46 @@ def test_window_nll_by_hand():
     out = evaluate(lm, torch.tensor([[0, 1, 0], [1, 0, 0]]), progress=False)
     assert out["window_nll"] == pytest.approx([1.5 * math.log(2), math.log(2)])
     assert sum(out["window_nll"]) / 2 == pytest.approx(out["nll"])
+
+
+# ---- bad windows and broken models are refused with the fix (issue 16, items 7, 9, 15) ----
+
+def test_windows_that_score_nothing_are_refused():
+    lm = FixedLM([0.0, 0.0, 0.0])
+    for fn in (evaluate, reference_logprobs):
+        # one token per window scores no prediction (it gave perplexity nan)
+        with pytest.raises(ValueError, match=r"windows of 1 token score nothing.*seq_len >= 2"):
+            fn(lm, torch.tensor([[0], [1]]), progress=False)
+        # no window at all (it gave a torch.cat error)
+        with pytest.raises(ValueError, match=r"windows hold no window \(shape \(0, 8\)\): pass at least one"):
+            fn(lm, torch.zeros(0, 8, dtype=torch.long), progress=False)
+        with pytest.raises(ValueError, match="windows must hold integer token ids, got torch.float32"):
+            fn(lm, torch.tensor([[0.0, 1.0]]), progress=False)
+
+
+def test_out_of_vocabulary_ids_are_named():
+    model = emb.tiny_llama(vocab=256, hidden=64, layers=1)
+    windows = torch.tensor([[1, 2, 3, 4], [5, 6, 300, 7]])
+    for fn in (evaluate, reference_logprobs):  # used to raise IndexError: index out of range in self
+        with pytest.raises(ValueError, match=r"token id 300 \(window 1, position 2\) outside the model's "
+                                             r"vocabulary \[0, 256\): tokenize .* with the model's own tokenizer"):
+            fn(model, windows, progress=False)
+    with pytest.raises(ValueError, match=r"token id -1 \(window 0, position 0\)"):
+        evaluate(model, torch.tensor([[-1, 2]]), progress=False)
+    # a model without get_input_embeddings: the logits' width bounds the ids
+    with pytest.raises(ValueError, match=r"token id 3 \(window 0, position 1\) outside the model's vocabulary \[0, 3\)"):
+        evaluate(FixedLM([0.0, 0.0, 0.0]), torch.tensor([[0, 3]]), progress=False)
+
+
+def test_a_nan_weight_is_refused_not_reported_as_perplexity_nan():
+    model = emb.tiny_llama(vocab=256, hidden=64, layers=2)
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    ref = reference_logprobs(model, windows, progress=False)
+    assert math.isfinite(evaluate(model, windows, ref, progress=False)["ppl"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[5, 7] = float("nan")
+    # before: ppl nan, top1 0.0, no error
+    with pytest.raises(ValueError, match=r"logits hold NaN or inf \(window 0\): no perplexity is reported.*non-finite"):
+        evaluate(model, windows, ref, progress=False)
+    with pytest.raises(ValueError, match="logits hold NaN or inf"):
+        reference_logprobs(model, windows, progress=False)

@@ -42,15 +42,22 @@ def test_config_key_ignores_label_but_not_recipe_or_protocol():
 def test_resume_after_a_crash_redoes_nothing(tmp_path, monkeypatch):
     calls = []
     real_run_one = sweep.run_one
-    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
 
-    # 1st run dies on the second config (its pattern matches no layer) after the first finished
-    with pytest.raises(ValueError, match="matches no linear"):
-        sweep.run_sweep(_configs(bad_second=True), PROTOCOL, tmp_path, progress=False, load=_load)
+    def crash_on_second(config, session):
+        calls.append(config["label"])
+        if config["label"] == "int4 g32":
+            raise RuntimeError("the machine went down")
+        return real_run_one(config, session)
+
+    # 1st run dies on the second config after the first finished
+    monkeypatch.setattr(sweep, "run_one", crash_on_second)
+    with pytest.raises(RuntimeError, match="went down"):
+        sweep.run_sweep(_configs(), PROTOCOL, tmp_path, progress=False, load=_load)
     assert calls == ["int8", "int4 g32"]
     first = tmp_path / f"{sweep.config_key(_configs()[0], PROTOCOL)}.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no half-written files
     stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
 
     # 2nd run (fixed grid) computes only the two missing configs
     calls.clear()
@@ -191,7 +198,7 @@ def test_mixed_precision_recipe_in_a_sweep(tmp_path):
     w8a8 = {"label": "W8A8", "model": "tiny", "method": "w8a8", "spec": "int8-channel-sym-absmax", "calib_windows": 4}
     df = sweep.run_sweep([mixed, w8a8], PROTOCOL, tmp_path, progress=False, load=_load)
     row = df.iloc[0]
-    assert row.calib_windows == 4 and row.recipe["model.layers.*"] == "gptq:int4-g32-asym-minmax"
+    assert row.calib_windows == 4 and row.recipe["model.layers.*"] == "gptq:int4-g32-asym-minmax" and row.method == "mixed"
     model, _ = _load("tiny")
     n_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers") and n.endswith("proj.weight"))
     vocab, hidden = model.model.embed_tokens.weight.shape
@@ -212,3 +219,185 @@ def test_mixed_precision_recipe_in_a_sweep(tmp_path):
 def test_bad_method_configs(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         sweep.run_sweep([{"model": "tiny", **config}], PROTOCOL, tmp_path, progress=False, load=_load)
+
+
+# ---- the results store checks itself (issue 16, items 6, 10, 12, 13) ----
+
+def _two_configs():
+    return _configs()[1:]  # int4 g32, int2
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A finished two-configuration sweep: (results folder, its table). Tests copy the folder."""
+    folder = tmp_path_factory.mktemp("stored")
+    return folder, sweep.run_sweep(_two_configs(), PROTOCOL, folder, progress=False, load=_load)
+
+
+def _copy(stored, tmp_path):
+    import shutil
+
+    shutil.copytree(stored[0], tmp_path / "results")
+    return tmp_path / "results"
+
+
+def _counting(monkeypatch):
+    calls = []
+    real_run_one = sweep.run_one
+    monkeypatch.setattr(sweep, "run_one", lambda c, s: calls.append(c["label"]) or real_run_one(c, s))
+    return calls
+
+
+def _files(folder, key):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(key))
+
+
+def test_a_stored_row_carries_its_key_config_hash_and_checksum(stored):
+    folder, df = stored
+    key = sweep.config_key(_two_configs()[0], PROTOCOL)
+    row = json.loads((folder / f"{key}.json").read_text())
+    assert row["key"] == key and row["config_hash"] == sweep.config_hash(_two_configs()[0], PROTOCOL)
+    assert row["config_hash"][:12] == key and len(row["config_hash"]) == 64
+    assert row["config"]["recipe"] == _two_configs()[0]["recipe"] and row["config"]["protocol"]["seq_len"] == 32
+    assert row["checksum"] == sweep._checksum(row)
+    assert list(df.columns[:2]) == ["label", "model"] and not {"config", "config_hash", "checksum"} & set(df.columns)
+
+
+def _rewrite(path, change):
+    row = json.loads(path.read_text())
+    change(row)
+    path.write_text(json.dumps(row, indent=1))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("other_row", "holds the row of configuration"),  # int2's file copied over int4's (issue: int4 shows int2's ppl)
+    ("other_row_renamed", "another configuration or protocol"),  # ... with its key edited to match the filename
+    ("edited", "edited after it was written"),
+])
+def test_a_foreign_or_edited_row_is_moved_aside_and_recomputed(stored, tmp_path, monkeypatch, damage, reason):
+    folder = _copy(stored, tmp_path)
+    k4, k2 = (sweep.config_key(c, PROTOCOL) for c in _two_configs())
+    target = folder / f"{k4}.json"
+    if damage.startswith("other_row"):
+        target.write_text((folder / f"{k2}.json").read_text())
+        if damage == "other_row_renamed":
+            _rewrite(target, lambda row: row.update(key=k4))
+    else:
+        _rewrite(target, lambda row: row.update(ppl=1.0))
+    calls = _counting(monkeypatch)
+    with pytest.warns(sweep.ResultFileWarning, match=f"{target}.*{reason}.*recomputing configuration 0 'int4 g32'"):
+        df = sweep.run_sweep(_two_configs(), PROTOCOL, folder, progress=False, load=_load)
+    assert calls == ["int4 g32"]
+    assert df.ppl.tolist() == stored[1].ppl.tolist()  # the true int4 number again, not int2's or the edit
+    aside = [n for n in _files(folder, k4) if ".bad-" in n]
+    assert len(aside) == 1 and _files(folder, k4) == sorted([f"{k4}.json", aside[0]])
+    # the recomputed file is sound: the next run computes nothing and warns about nothing
+    calls.clear()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sweep.run_sweep(_two_configs(), PROTOCOL, folder, progress=False, load=_load).equals(df)
+    assert calls == []
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "is empty"),
+    ("half", "is not valid JSON"),  # the first half of a real result file
+    (b"\x00\x01 junk \xff", "is not UTF-8 text"),
+    (b"not json at all", "is not valid JSON"),
+    (b"{}", "misses the fields"),  # used to raise KeyError: 'label'
+    (b"[1, 2, 3]", "holds a JSON list"),
+])
+def test_a_damaged_result_file_is_named_moved_aside_and_recomputed(stored, tmp_path, monkeypatch, content, reason):
+    folder = _copy(stored, tmp_path)
+    key = sweep.config_key(_two_configs()[1], PROTOCOL)
+    target = folder / f"{key}.json"
+    if content == "half":
+        text = target.read_bytes()
+        content = text[: len(text) // 2]
+    target.write_bytes(content)
+    calls = _counting(monkeypatch)
+    with pytest.warns(sweep.ResultFileWarning, match=f"{target} {reason}.*moved it to {key}.json.bad-.*recomputing"):
+        df = sweep.run_sweep(_two_configs(), PROTOCOL, folder, progress=False, load=_load)
+    assert calls == ["int2"]
+    assert df.ppl.tolist() == stored[1].ppl.tolist()
+    (aside,) = [p for p in folder.iterdir() if ".bad-" in p.name]
+    assert aside.read_bytes() == content  # kept for inspection, never deleted
+
+
+def test_a_row_written_before_the_checksums_is_still_used(stored, tmp_path, monkeypatch):
+    """Result files of earlier qlab versions (no config_hash, no checksum) are kept when their key and
+    description match the configuration, and gain the checks; one describing another recipe is recomputed."""
+    folder = _copy(stored, tmp_path)
+    k4, k2 = (sweep.config_key(c, PROTOCOL) for c in _two_configs())
+    def strip(row, **change):
+        for f in ("config", "config_hash", "checksum"):
+            del row[f]
+        row.update(change)
+    _rewrite(folder / f"{k4}.json", strip)
+    _rewrite(folder / f"{k2}.json", lambda row: strip(row, recipe={"model.layers.*": "int8-channel-sym-absmax"}))
+    calls = _counting(monkeypatch)
+    with pytest.warns(sweep.ResultFileWarning, match=f"{k2}.json describes another configuration"):
+        df = sweep.run_sweep(_two_configs(), PROTOCOL, folder, progress=False, load=_load)
+    assert calls == ["int2"]
+    timings = ["quant_seconds", "eval_seconds", "s_per_window"]
+    assert df.drop(columns=timings).equals(stored[1].drop(columns=timings))
+    upgraded = json.loads((folder / f"{k4}.json").read_text())
+    assert upgraded["checksum"] == sweep._checksum(upgraded) and upgraded["config_hash"][:12] == k4
+
+
+def test_a_read_only_results_folder_is_refused_before_computing(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse writes as a read-only mount would
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, folder):
+                raise OSError(30, "Read-only file system")
+            return real_mkstemp(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    calls, loads = _counting(monkeypatch), []
+    try:
+        with pytest.raises(ValueError, match=f"results folder {folder} is not writable .*nothing was computed"):
+            sweep.run_sweep(_configs(), PROTOCOL, folder, progress=False, load=lambda n: loads.append(n) or _load(n))
+    finally:
+        folder.chmod(0o755)
+    assert calls == [] and loads == [] and list(folder.iterdir()) == []
+    with pytest.raises(ValueError, match="is not a folder"):
+        (tmp_path / "file").write_text("x")
+        sweep.run_sweep(_configs(), PROTOCOL, tmp_path / "file", progress=False, load=_load)
+
+
+def test_every_bad_configuration_is_named_before_anything_is_computed(tmp_path, monkeypatch):
+    configs = [
+        {"label": "fine", "model": "tiny", "recipe": weight_only("int8-channel-sym-absmax")},
+        {"label": "typo spec", "model": "tiny", "recipe": weight_only("int4-g32-asym-minmx")},
+        {"label": "fine too", "model": "tiny", "recipe": weight_only("int2-tensor-sym-absmax")},
+        {"label": "no such method", "model": "tiny", "method": "zeroshot", "spec": "int4"},
+        _configs(bad_second=True)[1],  # a pattern that matches no layer of the model
+        {"label": "typo key", "model": "tiny", "recipe": weight_only("int4"), "calib_window": 4},
+        {"label": "bad mode", "model": "tiny", "recipe": weight_only("int4"), "mode": "real"},
+    ]
+    calls = _counting(monkeypatch)
+    with pytest.raises(ValueError) as err:
+        sweep.run_sweep(configs, PROTOCOL, tmp_path, progress=False, load=_load)
+    text = str(err.value)
+    assert text.startswith("5 of 7 configurations are invalid; nothing was computed")
+    for i in (1, 3, 4, 5, 6):
+        assert f"\n  #{i} {configs[i]['label']!r}: " in text
+    assert "#0" not in text and "#2" not in text
+    assert "unknown method 'zeroshot'" in text and "matches no linear layer" in text
+    assert "unknown key ['calib_window']" in text and "mode must be 'fake' or 'packed'" in text
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_configs_are_named(tmp_path):
+    a, b = _configs()[:2]
+    with pytest.raises(ValueError, match=r"configurations #0 'int8' and #2 'again' are identical"):
+        sweep.run_sweep([a, b, {**a, "label": "again"}], PROTOCOL, tmp_path, progress=False, load=_load)

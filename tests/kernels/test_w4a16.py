@@ -58,7 +58,30 @@ def test_bad_inputs_are_value_errors(seeded):
     w = _random_weight(8, 40, 32, False, seeded())
     with pytest.raises(ValueError, match="last dimension must be the weight.s K = 40"):
         w4a16_matmul(torch.randn(1, 41), w)
-    with pytest.raises(ValueError, match="4-bit per-group"):
+    with pytest.raises(ValueError, match="implements the int4 grid"):
         Int4Weight.from_quantized(quantize(torch.randn(8, 40), "int8-g32"))
     with pytest.raises(ValueError, match="multiple of 16"):
         w4a16_matmul(torch.randn(1, 40), Int4Weight(w.packed, w.scale, None, (8, 40), 20), backend="interpret")
+
+
+@pytest.mark.parametrize("spec", ["nf4-g64", "fp4_e2m1-g32", "int4-g32-asym-minmax-fmin", "int4-channel", "int8-g32"])
+def test_views_refuse_grids_they_do_not_implement(spec):
+    """NF4 and FP4 are 4-bit too, but not scale * (code - zero): accepting them gave relative errors of 20.5
+    and 3.8 against the tensor's own dequantization."""
+    from qlab import quantize
+    from qlab.kernels.w4a16 import Int4Weight
+
+    with pytest.raises(ValueError, match="W4A16"):
+        Int4Weight.from_quantized(quantize(torch.randn(8, 64), spec))
+
+
+def test_kernels_refuse_non_finite_activations():
+    from qlab.kernels.fp8 import quantize_fp8
+    from qlab.kernels.int8 import quantize_per_token_int8
+
+    x = torch.randn(4, 64)
+    x[1, 3] = float("nan")
+    for fn in (quantize_per_token_int8, quantize_fp8):
+        for backend in ("torch", "interpret"):
+            with pytest.raises(ValueError, match="NaN/Inf"):
+                fn(x, backend=backend)

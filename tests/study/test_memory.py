@@ -37,3 +37,15 @@ def test_arch_from_config_of_the_embedded_model():
     # 2 x 30 x 3 x 64 x 8192 x 2 B
     assert memory.kv_cache_bytes(arch, 8192) == 188_743_680
     assert memory.training_bytes(arch.n_params) == 16 * 134_515_008
+
+
+def test_negative_sizes_are_refused():
+    from qlab.study.memory import weight_bytes
+
+    with pytest.raises(ValueError, match="bits per weight must be a positive"):
+        weight_bytes(7e9, -4)
+    with pytest.raises(ValueError, match="non-negative count"):
+        weight_bytes(-1, 4)
+    with pytest.raises(ValueError, match="non-negative count"):
+        weight_bytes(float("nan"), 4)
+    assert weight_bytes(7e9, 4) == 3.5e9

@@ -29,6 +29,8 @@ from qlab.methods.base import QuantResult
 
 def outlier_columns(X: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
     """Boolean mask [in] of the feature dimensions where some |x| exceeds ``threshold``."""
+    if not isinstance(threshold, (int, float)) or not threshold > 0:  # NaN is not > 0
+        raise ValueError(f"threshold must be a positive number (6.0 in the paper; inf: no outliers), got {threshold!r}")
     return (X.reshape(-1, X.shape[-1]).abs() > threshold).any(dim=0)
 
 

@@ -44,6 +44,9 @@ def max_abs(X: torch.Tensor) -> torch.Tensor:
 def smoothing_scales(act_max: torch.Tensor, weights, alpha: float = 0.5) -> torch.Tensor:
     """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), W_j over every Linear reading channel j (eq. 4).
 
+    A channel that never fired in calibration (max|X_j| = 0) keeps s_j = 1: a tiny s_j would crush its weight
+    column to zero in int8, and the layer would be wrong the day it fires.
+
     >>> smoothing_scales(torch.tensor([16., 1.]), [torch.tensor([[1., 4.]])], alpha=0.5)
     tensor([4.0000, 0.5000])
     """
@@ -52,7 +55,7 @@ def smoothing_scales(act_max: torch.Tensor, weights, alpha: float = 0.5) -> torc
     weights = [w.weight.data if isinstance(w, nn.Linear) else w for w in weights]
     w_max = torch.stack([W.abs().float().amax(dim=0) for W in weights]).amax(dim=0)
     s = act_max.float().clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
-    return s.clamp(min=1e-5)
+    return torch.where(act_max > 0, s.clamp(min=1e-5), torch.ones_like(s))  # dead in calibration: no migration
 
 
 def quantize_activations(X: torch.Tensor, act: str = "token", static_scale=None) -> QuantizedTensor:

@@ -39,9 +39,16 @@ def mean_abs(X: torch.Tensor) -> torch.Tensor:
 
 
 def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = mean|x|^alpha, clamped at 1e-4 and divided by sqrt(max s * min s) (so s straddles 1)."""
+    """s = mean|x|^alpha, clamped at 1e-4 and divided by sqrt(max s * min s) (so s straddles 1).
+
+    Channels that never fired in calibration (mean|x| = 0) keep s = 1 and stay out of the normalisation: a
+    tiny s would round their weights to zero, wrong the day they fire."""
+    live = x_mean_abs > 0
     s = x_mean_abs.float().pow(alpha).clamp(min=1e-4)
-    return s / (s.max() * s.min()).sqrt()
+    if not live.any():
+        return torch.ones_like(s)
+    s = s / (s[live].max() * s[live].min()).sqrt()
+    return torch.where(live, s, torch.ones_like(s))
 
 
 def group_size(spec: QuantSpec, in_features: int) -> int:

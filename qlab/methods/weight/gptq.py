@@ -40,6 +40,8 @@ from qlab.core.scales import fake_quant_groups
 
 def hessian(X: torch.Tensor) -> torch.Tensor:
     """H = (2 / n) X^T X for inputs X [..., in] (all leading dims are tokens), in float32 accumulated in float64."""
+    if X.dim() == 0 or X.numel() == 0:
+        raise ValueError(f"H needs at least one calibration input; got X of shape {tuple(X.shape)}")
     X = X.reshape(-1, X.shape[-1]).double()
     return (2.0 / X.shape[0] * X.T @ X).float()
 
@@ -140,9 +142,9 @@ def gptq_sweep(W: torch.Tensor, H: torch.Tensor, spec, *, block_size: int = 128,
     dtype = torch.promote_types(W.dtype, torch.float32)  # float32, or float64 if W is float64
     W = W.detach().to(dtype).clone()
     H = H.detach().to(dtype).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    dead = torch.diag(H) == 0  # inputs that never fired in calibration: no information about their error
+    H[dead, dead] = 1  # decoupled from the rest, so those columns round to nearest (the reference zeroes them,
+    #                    which is wrong the day they fire)
 
     if perm is not None and (act_order or sorted(perm.tolist()) != list(range(columns))):
         raise ValueError("perm must be a permutation of the input columns (and excludes act_order)")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from qlab.methods.activation.llm_int8 import llm_int8_matmul, outlier_columns
@@ -58,3 +59,10 @@ def test_int8_linear_matches_bitsandbytes_layout_by_hand(gen):
     by_hand = X[:, O] @ (Wq * sw)[:, O].T + ((torch.round(Xr / sx).double() @ Wq[:, ~O].double().T) * sx.double() * sw.double().T).float()
     assert torch.allclose(y.reshape(-1, 8), by_hand + lin.bias, atol=1e-5, rtol=0)
     assert torch.allclose(y, lin(x), atol=0.05)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 0.0, -6.0, "6"])
+def test_threshold_must_be_a_positive_number(threshold):
+    """threshold=nan used to find no outliers silently (every comparison with NaN is False)."""
+    with pytest.raises(ValueError, match="threshold must be a positive number"):
+        llm_int8_matmul(torch.randn(4, 16), torch.randn(8, 16), threshold=threshold)

@@ -163,3 +163,21 @@ def test_clip_helps_with_a_ragged_group(real_layer):
     spec = "int3-g128-asym-minmax"
     err = lambda r: float(((X @ W.T - (X / r.s) @ r.qweights[0].dequantize().T) ** 2).mean())  # noqa: E731
     assert err(awq(W, X, spec)) < err(awq(W, X, spec, clip=False))
+
+
+def test_channels_dead_in_calibration_keep_scale_one(real_layer):
+    """A channel with mean|x| = 0 in calibration gets s = 1 (it used to get a tiny s that rounded its weights
+    to zero); the live channels' scales are those of the live channels alone."""
+    W, X = real_layer
+    dead = torch.tensor([5, 200, 411])
+    Xd = X.clone()
+    Xd[:, dead] = 0
+    x_mean = Xd.abs().mean(0)
+    s = awq_scales(x_mean, 0.5)
+    assert torch.equal(s[dead], torch.ones(3))
+    live = torch.ones(576, dtype=torch.bool)
+    live[dead] = False
+    expect = x_mean[live] ** 0.5
+    assert torch.allclose(s[live], expect / (expect.max() * expect.min()).sqrt())
+    r = awq([W], Xd, "int4-g64-asym-minmax", n_grid=4)
+    assert (r.qweights[0].dequantize()[:, dead] != 0).any()
