@@ -17,9 +17,9 @@ from the ones before it:
 
 The everyday entry points are re-exported here:
 
->>> from qlab import quantize, QuantSpec
->>> quantize(torch.randn(4, 64), "int4-g32-asym-minmax").bits_per_weight
-4.75
+>>> import torch; from qlab import quantize, QuantSpec
+>>> quantize(torch.randn(4, 64), "int4-g32-asym-minmax").bits_per_weight   # 4 + (16 + 4) bytes x 8 / 256
+4.625
 """
 from qlab.core.quant import dequantize, fake_quant, fake_quant_ste, quantize
 from qlab.core.spec import QuantSpec

@@ -97,16 +97,52 @@ class BlockFormat:
         if n % self.block_size:
             raise ValueError(f"{self.name} needs rows whose length is a multiple of {self.block_size}; got {n}")
 
+    def check_imatrix(self, imatrix, n: int, name: str | None = None) -> np.ndarray:
+        """The importance vector as float32 ``[n]``, or a ValueError saying what is wrong with it.
+
+        llama.cpp weighs each value's squared error by its column's entry, so an entry must be finite
+        and >= 0, and not all of them 0: an all-zero (or NaN, or negative) imatrix makes every scale
+        search return 0 and the whole tensor quantizes to zeros (llama-quantize refuses non-finite
+        entries too).
+        """
+        what = f"imatrix for {name}" if name else "imatrix"
+        imatrix = np.asarray(imatrix, dtype=F32).reshape(-1)
+        if imatrix.shape[0] != n:
+            raise ValueError(f"{what} has {imatrix.shape[0]} entries, rows have {n}: pass one importance "
+                             f"value per input column (the mean of x² over the calibration tokens)")
+        bad = ~np.isfinite(imatrix)
+        if bad.any():
+            raise ValueError(f"{what} has {int(bad.sum())} non-finite entries (first at column "
+                             f"{int(np.argmax(bad))}): recompute it, or drop it to quantize without one")
+        if (imatrix < 0).any():
+            raise ValueError(f"{what} has {int((imatrix < 0).sum())} negative entries (first at column "
+                             f"{int(np.argmax(imatrix < 0))}, {float(imatrix[imatrix < 0][0]):g}); importances "
+                             f"are means of x² and must be >= 0")
+        if not imatrix.any():
+            raise ValueError(f"{what} is all zeros: every block would quantize to 0; recompute it on "
+                             f"calibration data that reaches this layer, or drop it to quantize without one")
+        return imatrix
+
     def quantize_rows(self, rows: np.ndarray, imatrix: np.ndarray | None = None,
-                      chunk_elems: int = 1 << 20) -> np.ndarray:
-        """``[R, n]`` float32 -> ``[R, n/block_size·type_size]`` uint8 (what llama.cpp writes)."""
+                      chunk_elems: int = 1 << 20, name: str | None = None) -> np.ndarray:
+        """``[R, n]`` float32 -> ``[R, n/block_size·type_size]`` uint8 (what llama.cpp writes).
+
+        Raises ValueError (naming ``name``, the tensor, when given) for non-finite values, a bad
+        ``imatrix`` (:meth:`check_imatrix`), or values too large for the fp16 scales: llama.cpp
+        would write NaN/inf scales there (or, for Q2_K/Q3_K and a NaN, silently zero the block).
+        """
+        what = f"tensor {name}" if name else "input"
         rows = np.ascontiguousarray(rows, dtype=F32)
         R, n = rows.shape
         self.check_row(n)
+        bad = ~np.isfinite(rows)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{self.name}: {what} has {int(bad.sum())} non-finite values (first at row {r}, "
+                             f"column {c}: {rows[r, c]}); GGUF quantization needs finite data (llama.cpp "
+                             f"refuses it too): fix or drop those values first")
         if imatrix is not None:
-            imatrix = np.asarray(imatrix, dtype=F32).reshape(-1)
-            if imatrix.shape[0] != n:
-                raise ValueError(f"imatrix has {imatrix.shape[0]} entries, rows have {n}")
+            imatrix = self.check_imatrix(imatrix, n, name)
         nb = n // self.block_size
         out = np.empty((R, nb * self.type_size), np.uint8)
         step = max(1, chunk_elems // n)
@@ -115,12 +151,17 @@ class BlockFormat:
             r = x.shape[0]
             blocks = x.reshape(r * nb, self.block_size)
             qw = sigma2 = None
-            if imatrix is not None:
-                qw = np.broadcast_to(imatrix.reshape(nb, self.block_size), (r, nb, self.block_size))
-                qw = qw.reshape(r * nb, self.block_size)
-                sigma2 = np.repeat(seqsum(x * x) / F32(n), nb)
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"):    # overflows end as non-finite scales, refused below
+                if imatrix is not None:
+                    qw = np.broadcast_to(imatrix.reshape(nb, self.block_size), (r, nb, self.block_size))
+                    qw = qw.reshape(r * nb, self.block_size)
+                    sigma2 = np.repeat(seqsum(x * x) / F32(n), nb)
                 out[r0:r0 + r] = self.quantize_blocks(blocks, qw, sigma2).reshape(r, -1)
+        if not self.finite_scales(out):
+            bad_rows = np.flatnonzero(~self.finite_scales_per_row(out))
+            raise ValueError(f"{self.name}: {what} is too large for fp16 block scales (row {int(bad_rows[0])}, "
+                             f"max |x| = {float(np.abs(rows[bad_rows[0]]).max()):g}; fp16 holds at most 65504): "
+                             f"the scales would be inf/NaN. Rescale the tensor or keep it in F32")
         return out
 
     def dequantize_rows(self, data: np.ndarray, n: int) -> np.ndarray:
@@ -132,6 +173,12 @@ class BlockFormat:
             raise ValueError(f"{self.name}: a row of {n} values takes {nb * self.type_size} bytes, got {data.shape[1]}")
         blocks = np.ascontiguousarray(data).reshape(R * nb, self.type_size)
         return self.dequantize_blocks(blocks).reshape(R, n)
+
+    def finite_scales_per_row(self, data: np.ndarray) -> np.ndarray:
+        """``[R]`` bool for ``[R, bytes]`` data: every fp16 scale/min field of the row is finite."""
+        blocks = np.ascontiguousarray(data).reshape(-1, self.type_size)
+        ok = np.logical_and.reduce([np.isfinite(read_f16(blocks, o)) for o in self.f16_offsets])
+        return ok.reshape(data.shape[0], -1).all(axis=1)
 
     def finite_scales(self, data: np.ndarray) -> bool:
         """True when every fp16 scale/min field of every block is finite (no corrupted NaN/inf)."""
@@ -208,11 +255,13 @@ class GGUFTensor:
         return f"GGUFTensor({self.qtype}, shape={tuple(self.shape)}, {self.bits_per_weight:g} bpw)"
 
 
-def quantize(x, qtype: str, imatrix=None) -> GGUFTensor:
+def quantize(x, qtype: str, imatrix=None, name: str | None = None) -> GGUFTensor:
     """Quantize a tensor (torch or numpy, last dim = rows) to a GGUF block format.
 
-    ``imatrix`` (length = last dim) switches to llama.cpp's importance-weighted search, as
-    ``llama-quantize --imatrix`` does; without it the reference (``*_ref``) path is used.
+    ``imatrix`` (length = last dim, finite, >= 0, not all zero) switches to llama.cpp's
+    importance-weighted search, as ``llama-quantize --imatrix`` does; without it the reference
+    (``*_ref``) path is used. ``name`` (the tensor's) only goes into error messages.
+    Non-finite values, or values too large for fp16 scales, raise a ValueError.
     """
     fmt = get_format(qtype)
     is_torch = isinstance(x, torch.Tensor)
@@ -223,7 +272,7 @@ def quantize(x, qtype: str, imatrix=None) -> GGUFTensor:
     if imatrix is not None and isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().float().cpu().numpy()
     rows = arr.reshape(-1, arr.shape[-1])
-    data = fmt.quantize_rows(rows, imatrix)
+    data = fmt.quantize_rows(rows, imatrix, name=name)
     return GGUFTensor(fmt.name, tuple(arr.shape), data, dtype)
 
 
