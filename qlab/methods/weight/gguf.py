@@ -52,7 +52,8 @@ def gguf_method(weights, X, spec, names=None, *, imatrix=None) -> QuantResult:
     qtype = str(spec).upper()
     if qtype == "F16":
         return QuantResult([core_quantize(W, "fp16") for W in weights])
-    return QuantResult([quantize(W, qtype, imatrix=imatrix) for W in weights])
+    names = names or [None] * len(weights)
+    return QuantResult([quantize(W, qtype, imatrix=imatrix, name=n) for W, n in zip(weights, names)])
 
 
 def mix_recipe(model: nn.Module, mix: str, imatrix: dict | None = None) -> tuple[dict, list]:
