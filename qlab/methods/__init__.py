@@ -8,6 +8,8 @@ See :mod:`qlab.methods.base` for the signature and the result type. Folders by k
 * ``weight/``      rtn, gptq, awq, gguf (llama.cpp's types and mixes)
 * ``activation/``  smoothquant (W8A8 with or without smoothing), llm_int8
 * ``kv/``          KV-cache quantization (KIVI's grouping as a core spec, on the kernel)
+* ``train/``       training through the quantizer: QAT layers (STE), LSQ learned steps, BitNet b1.58, a
+                   resumable training loop
 
 A new method is one file with a function of that signature plus one entry in :data:`METHODS`; the model
 walker (``qlab.models.walker``), the sweeps and the plots then take it like every other.
