@@ -16,10 +16,13 @@ def figures_dir() -> Path:
 
 
 def savefig(fig, name: str) -> Path:
-    """Save a matplotlib figure (PNG, 150 dpi) or a plotly figure (HTML) as figures/<name>."""
+    """Save a matplotlib figure (PNG, 150 dpi) or a plotly figure (HTML) as figures/<name>.
+
+    Plotly HTML loads ``plotly.min.js`` from the same folder (written once, beside the figures), never
+    from a CDN: the files open offline."""
     if hasattr(fig, "write_html"):  # plotly
         path = figures_dir() / f"{name}.html"
-        fig.write_html(path, include_plotlyjs="cdn")
+        fig.write_html(path, include_plotlyjs="directory")
     else:
         path = figures_dir() / f"{name}.png"
         fig.savefig(path, dpi=150, bbox_inches="tight")

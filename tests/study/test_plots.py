@@ -49,3 +49,29 @@ def test_headless_interact_calls_once_without_widgets(monkeypatch):
     monkeypatch.setenv("QLAB_HEADLESS", "1")
     assert plots.interact(lambda metric="kl_mean": calls.append(metric), metric=["ppl", "kl_mean"]) is None
     assert calls == ["kl_mean"]
+
+
+def test_plotly_html_opens_offline(tmp_path, monkeypatch):
+    """No external script URL: plotly.js sits beside the HTML and is loaded by a relative path."""
+    import re
+
+    import plotly.graph_objects as go
+
+    from qlab.study.plots import savefig
+
+    monkeypatch.setenv("QLAB_FIGURES", str(tmp_path))
+    path = savefig(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), "offline")
+    sources = re.findall(r'<script[^>]*\ssrc="([^"]+)"', path.read_text())
+    assert sources == ["plotly.min.js"]
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_committed_html_figures_open_offline():
+    import re
+
+    from qlab.study.plots import ROOT
+
+    for html in (ROOT / "figures").glob("*.html"):
+        sources = re.findall(r'<script[^>]*\ssrc="([^"]+)"', html.read_text())
+        assert all(not s.startswith(("http:", "https:", "//")) for s in sources), (html.name, sources)
+        assert all((html.parent / s).exists() for s in sources), (html.name, sources)
