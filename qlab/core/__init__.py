@@ -6,6 +6,8 @@
 * ``packing``      b-bit codes <-> a little-endian byte stream
 * ``quant``        QuantSpec, QuantizedTensor, quantize / dequantize / fake_quant
 * ``error``        reconstruction error: MSE, SQNR, relative Frobenius error
+* ``rotations``    Hadamard matrices (Sylvester, Paley) and QuIP#'s two-sided randomized Hadamard transform
+* ``formats.lattice``  nearest points of Z^n, D_n, A_n, E8; G by Monte Carlo; QuIP#'s E8P codebook
 
 Nothing here imports from another qlab layer.
 """

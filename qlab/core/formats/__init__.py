@@ -9,10 +9,15 @@ Every grid answers the same four questions, so every quantizer in qlab can use a
 
 >>> get_grid("int4").round(torch.tensor([2.6, -9.0]))
 tensor([ 3., -8.])
+
+Vector grids round a group of weights at once: the lattices Z^n, D_n, E8 and A_n and QuIP#'s E8P codebook
+(2^16 points of E8 + 1/4, 16 bits per 8 weights) live in ``lattice``.
 """
 from qlab.core.formats.integer import IntGrid
 from qlab.core.formats.floating import FloatGrid
 from qlab.core.formats.table import TableGrid, dynamic8_levels, nf4_levels
+from qlab.core.formats.lattice import (e8p_abs_patterns, e8p_codebook, e8p_decode, e8p_encode, e8p_nearest,
+                                       nearest_an, nearest_dn, nearest_e8, nearest_zn, normalized_second_moment)
 
 import torch  # noqa: F401  (used by the doctest above)
 
@@ -55,4 +60,6 @@ def get_grid(name: str, restricted: bool = False):
     return grid
 
 
-__all__ = ["IntGrid", "FloatGrid", "TableGrid", "GRIDS", "get_grid", "nf4_levels", "dynamic8_levels"]
+__all__ = ["IntGrid", "FloatGrid", "TableGrid", "GRIDS", "get_grid", "nf4_levels", "dynamic8_levels",
+           "nearest_zn", "nearest_dn", "nearest_e8", "nearest_an", "normalized_second_moment",
+           "e8p_abs_patterns", "e8p_codebook", "e8p_decode", "e8p_encode", "e8p_nearest"]
