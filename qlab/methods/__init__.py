@@ -7,7 +7,8 @@ See :mod:`qlab.methods.base` for the signature and the result type. Folders by k
 
 * ``weight/``      rtn, gptq, awq, gguf (llama.cpp's types and mixes)
 * ``activation/``  smoothquant (W8A8 with or without smoothing), llm_int8
-* ``kv/``          KV-cache quantization (KIVI's grouping as a core spec, on the kernel)
+* ``kv/``          KV-cache quantization: KIVI's grouping as a core spec (on the kernel), and a quantized
+                   transformers Cache (FP8 per token or static, KIVI 2/4-bit with a float residual window)
 * ``train/``       training through the quantizer: QAT layers (STE), LSQ learned steps, BitNet b1.58, a
                    resumable training loop
 

@@ -1,1 +1,7 @@
-"""KV-cache quantization: what is stored for the keys and values a later token attends to."""
+"""KV-cache quantization: what is stored for the keys and values a later token attends to.
+
+* ``kivi.py``   KIVI's grouping as a core spec, on the KIVI kernel
+* ``cache.py``  a transformers ``Cache`` that stores keys and values quantized (FP8 per token or per
+  tensor, KIVI, per-token keys as a baseline) for ``generate`` and chunked forward passes; imports
+  transformers, so it is not imported here
+"""
