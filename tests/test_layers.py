@@ -5,7 +5,7 @@ from pathlib import Path
 
 import qlab
 
-LAYERS = ["core", "gguf", "kernels", "methods", "models", "eval", "study", "benchmarks"]  # bottom to top
+LAYERS = ["core", "gguf", "kernels", "methods", "models", "eval", "study", "benchmarks", "cli"]  # bottom to top
 ROOT = Path(qlab.__file__).parent
 
 

@@ -1,0 +1,178 @@
+"""The ``qlab`` command line: the jobs people script, each writing its result where it says.
+
+    qlab quantize --recipe '{"model.layers.*": "gptq:int4-g128-asym-minmax"}' --calib 32 --out runs/q4
+    qlab eval --recipe int4-g32-asym-minmax --n-windows 16 --out runs/eval.json
+    qlab sweep configs.json --results results/mine --n-windows 16 --out runs/sweep.csv
+    qlab export --mix Q4_K_M --out runs/model-Q4_K_M.gguf
+
+``--recipe`` is a JSON recipe (name patterns -> entries, see ``qlab.models.walker``) or a single entry
+('int4-g128-asym-minmax', 'awq:int4-g128-asym-minmax', 'q4_1'), which then applies to every block Linear.
+Every command takes ``--model`` (default: the embedded SmolLM2-135M) and shows a progress bar on long work.
+The top layer of the package: it may import from every other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _recipe(text: str) -> dict:
+    from qlab.models.walker import weight_only
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            recipe = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--recipe is not valid JSON ({e}); give a JSON object or a single entry such as "
+                             f"'int4-g128-asym-minmax'")
+        return recipe
+    return weight_only(text)
+
+
+def _calibrated(recipe: dict) -> bool:
+    from qlab.methods import get_method
+    from qlab.models.walker import entry
+
+    entries = [entry(v) for v in recipe.values()]
+    return any(e is not None and (get_method(e.method).wants_inputs(e.options) or get_method(e.method).folds_into)
+               for e in entries)
+
+
+def _windows(tokenizer, part, seq_len, n):
+    from qlab.models.data import wikitext2_windows
+
+    return wikitext2_windows(tokenizer, part, seq_len, n, pick="spread")
+
+
+def _quantized_model(args, model, tokenizer):
+    from qlab.models.walker import quantize_model
+
+    recipe = _recipe(args.recipe)
+    calib = _windows(tokenizer, "calibration", args.seq_len, args.calib) if _calibrated(recipe) else None
+    return quantize_model(model, recipe, calib, progress=True)
+
+
+def cmd_quantize(args):
+    """Quantize a model with a recipe; write every quantized tensor (qlab.save_qtensor format), the size
+    report and the recipe to --out."""
+    import torch
+
+    from qlab.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    qmodel, report = _quantized_model(args, model, tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({name: qt.state_dict() for name, qt in report.qtensors.items()}, out / "qtensors.pt")
+    report.layers.to_csv(out / "layers.csv", index=False)
+    (out / "recipe.json").write_text(json.dumps({"model": args.model, "recipe": _recipe(args.recipe),
+                                                 **report.summary()}, indent=1, default=str))
+    print(json.dumps({"out": str(out), **report.summary()}))
+
+
+def cmd_eval(args):
+    """Perplexity, KL and top-1 of the model (quantized with --recipe if given) against the float model."""
+    from qlab.eval import evaluate, reference_logprobs
+    from qlab.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    windows = _windows(tokenizer, args.part, args.seq_len, args.n_windows)
+    ref = reference_logprobs(model, windows, progress=True)
+    target, summary = model, {}
+    if args.recipe:
+        target, report = _quantized_model(args, model, tokenizer)
+        summary = report.summary()
+    metrics = evaluate(target, windows, ref, progress=True)
+    row = {"model": args.model, "recipe": args.recipe, "part": args.part, "seq_len": args.seq_len,
+           **{k: metrics[k] for k in ("ppl", "ppl_ref", "delta_ppl_pct", "kl_mean", "top1", "n_windows", "n_tokens")
+              if k in metrics}, **summary}
+    text = json.dumps(row, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+
+
+def cmd_sweep(args):
+    """Run a resumable sweep over the configurations of a JSON file (a list of qlab.eval.sweep configurations)."""
+    from qlab.eval.sweep import EvalProtocol, run_sweep
+
+    try:
+        configs = json.loads(Path(args.configs).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cannot read the configurations {args.configs}: {e}")
+    if not isinstance(configs, list):
+        raise SystemExit(f"{args.configs} must hold a JSON list of configurations, got {type(configs).__name__}")
+    protocol = EvalProtocol(seq_len=args.seq_len, n_windows=args.n_windows)
+    df = run_sweep(configs, protocol, args.results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=["window_nll"], errors="ignore").to_csv(out, index=False)
+    print(df[["label", "quantized_bpw", "ppl", "kl_mean", "top1"]].to_string(index=False))
+    print(f"-> {out}")
+
+
+def cmd_export(args):
+    """Write a .gguf that llama.cpp loads: the embedded GGUF (or --src) re-quantized with a llama.cpp mix."""
+    from qlab.gguf.files import quantize_gguf
+    from qlab.models import embedded_gguf_path
+
+    src = Path(args.src) if args.src else embedded_gguf_path()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    choices = quantize_gguf(src, out, args.mix, progress=True)
+    print(json.dumps({"out": str(out), "mix": args.mix, "tensors": len(choices), "bytes": out.stat().st_size}))
+
+
+def parser() -> argparse.ArgumentParser:
+    from qlab.models import EMBEDDED
+
+    p = argparse.ArgumentParser(prog="qlab", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q, recipe_required=False):
+        q.add_argument("--model", default=EMBEDDED, help="embedded name, Hugging Face id or local folder")
+        q.add_argument("--recipe", required=recipe_required, default=None,
+                       help="JSON recipe or one entry applied to every block Linear")
+        q.add_argument("--calib", type=int, default=32, help="calibration windows for calibrated methods")
+        q.add_argument("--seq-len", type=int, default=512)
+
+    q = sub.add_parser("quantize", help=cmd_quantize.__doc__)
+    common(q, recipe_required=True)
+    q.add_argument("--out", required=True, help="folder for qtensors.pt, layers.csv, recipe.json")
+    q.set_defaults(fn=cmd_quantize)
+
+    q = sub.add_parser("eval", help=cmd_eval.__doc__)
+    common(q)
+    q.add_argument("--part", default="evaluation", choices=["evaluation", "calibration", "all"])
+    q.add_argument("--n-windows", type=int, default=16)
+    q.add_argument("--out", default=None, help="also write the JSON here")
+    q.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("sweep", help=cmd_sweep.__doc__)
+    q.add_argument("configs", help="JSON file: a list of configurations (see qlab.eval.sweep)")
+    q.add_argument("--results", required=True, help="folder of per-configuration results (resumable)")
+    q.add_argument("--n-windows", type=int, default=16)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--out", required=True, help="CSV of the table")
+    q.set_defaults(fn=cmd_sweep)
+
+    q = sub.add_parser("export", help=cmd_export.__doc__)
+    q.add_argument("--mix", required=True, help="llama.cpp mix: Q4_K_M, Q8_0, ...")
+    q.add_argument("--src", default=None, help="source .gguf (default: the embedded model's)")
+    q.add_argument("--out", required=True, help="the .gguf to write (atomically)")
+    q.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ValueError as e:  # qlab's errors say what to fix: show them without a traceback
+        print(f"qlab {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,72 @@
+"""The qlab command line: help, and each command writing what it says (on the embedded model, kept short)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_of_every_command():
+    script = Path(sys.executable).parent / "qlab"  # the console script pyproject installs
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "qlab.cli"]
+    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("quantize", "eval", "sweep", "export"):
+        assert command in out
+        sub = subprocess.run(cmd + [command, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "--out" in sub
+
+
+def test_bad_arguments_are_clear(capsys):
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        main(["quantize", "--recipe", "{model.layers", "--out", "x"])
+    assert main(["eval", "--recipe", "int4-g128-g64", "--n-windows", "1", "--seq-len", "32"]) == 2
+    assert "granularity twice" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_quantize_writes_tensors_that_load(tmp_path):
+    from qlab import quantize
+    from qlab.core.tensor import from_state_dict
+    from qlab.models import load_model
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--recipe", '{"model.layers.0.mlp.*": "int4-g32-asym-minmax"}', "--out", str(out)]) == 0
+    states = torch.load(out / "qtensors.pt", weights_only=True)
+    assert sorted(states) == [f"model.layers.0.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    model, _ = load_model()
+    W = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(from_state_dict(states["model.layers.0.mlp.up_proj"]).dequantize(),
+                       quantize(W, "int4-g32-asym-minmax").dequantize())
+    assert (out / "layers.csv").read_text().count("int4-g32-asym-minmax") == 3
+    assert json.loads((out / "recipe.json").read_text())["n_quantized"] == 3
+
+
+@pytest.mark.model
+def test_eval_and_sweep_write_their_results(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--recipe", '{"model.layers.0.*": "int4-g32-asym-minmax"}', "--n-windows", "1",
+                 "--seq-len", "64", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["n_windows"] == 1 and row["ppl"] > 1 and 0 < row["kl_mean"] and 0 < row["top1"] <= 1
+    configs = tmp_path / "configs.json"
+    configs.write_text(json.dumps([{"label": "int8 first layer", "recipe": {"model.layers.0.*": "int8"}}]))
+    table = tmp_path / "sweep.csv"
+    assert main(["sweep", str(configs), "--results", str(tmp_path / "results"), "--n-windows", "1",
+                 "--seq-len", "64", "--out", str(table)]) == 0
+    assert "int8 first layer" in table.read_text() and len(list((tmp_path / "results").glob("*.json"))) == 1
+
+
+@pytest.mark.model
+def test_export_writes_a_gguf_that_reads_back(tmp_path):
+    from qlab.gguf.files import read_gguf
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--mix", "Q8_0", "--out", str(out)]) == 0
+    f = read_gguf(out)
+    assert {t.qtype for t in f.tensors.values() if hasattr(t, "qtype")} == {"Q8_0"}
