@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env test run lab lock smoke clean reference-ppl bench-gptq bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
+.PHONY: env test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
 
 env: $(STAMP)
 
@@ -60,6 +60,10 @@ reference-ppl: env
 # whole-model RTN / GPTQ / AWQ: perplexity and wall time (128 calibration windows of 512)
 bench-gptq: env
 	$(BIN)/python -m qlab.benchmarks.gptq --spec int4-g128-asym-minmax --methods float,rtn,gptq,awq --calib 128 --eval 16 --threads 1
+
+# every qlab encoder/decoder against its peer (plain torch, torch's casts, llama.cpp when built), 1 and 2 threads
+bench-quantizers: env
+	$(BIN)/python -m qlab.benchmarks.quantizers
 
 # Triton kernels against the torch baseline and the roofline (needs a CUDA GPU; exits 0 without one)
 bench-kernels: env
