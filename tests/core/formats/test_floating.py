@@ -70,3 +70,25 @@ def test_fp4_e2m1_levels_match_the_ocp_mx_table():
 def test_saturates_instead_of_overflowing():
     assert get_grid("fp8_e4m3").round(torch.tensor([1e6, -500.0])).tolist() == [448.0, -448.0]
     assert get_grid("fp8_e5m2").round(torch.tensor([1e9])).tolist() == [57344.0]
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp16", "bf16"])
+def test_torch_cast_fast_path_equals_the_arithmetic(name):
+    """round() and encode() use torch's cast where torch has the dtype; the format's arithmetic, spelled out in
+    round_arithmetic / encode_arithmetic, must give the same values and codes: every code's value, every
+    midpoint between neighbours (the ties), values beyond the max, and random values across many decades."""
+    from qlab.core.formats import get_grid
+
+    grid = get_grid(name)
+    levels = grid.levels
+    mids = (levels[1:] + levels[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(20000, generator=g) * torch.exp2(torch.randint(-30, 30, (20000,), generator=g).float())
+    x = torch.cat([levels, mids, torch.tensor([grid.max * 1.5, -grid.max * 3, 0.0, -0.0]), rand])
+    fast, slow = grid.round(x), grid.round_arithmetic(x)
+    assert torch.equal(fast, slow) and torch.equal(torch.signbit(fast), torch.signbit(slow))
+    if grid.bits == 8:
+        assert torch.equal(grid.encode(fast), grid.encode_arithmetic(fast))
+        every = torch.arange(256)
+        a, b = grid.decode(every), grid.decode_arithmetic(every)
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) and torch.equal(torch.signbit(a), torch.signbit(b))
