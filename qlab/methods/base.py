@@ -51,6 +51,7 @@ class Method:
                   no such op (o_proj under grouped-query attention), it applies ``fallback`` instead
     sequential:   True: layer l is calibrated on the outputs of the already-quantized layers 0..l-1 (GPTQ's and
                   AWQ's references); False: on the float model's (SmoothQuant's activation statistics)
+    parse_spec:   the method's own spec parser (a GGUF type, QuIP#'s 'e8p'); None: a QuantSpec string
     """
 
     name: str
@@ -59,6 +60,7 @@ class Method:
     folds_into: tuple = ()
     fallback: str | None = None
     sequential: bool = True
+    parse_spec: Callable | None = None
     doc: str = ""
 
     def wants_inputs(self, options: dict) -> bool:

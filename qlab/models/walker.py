@@ -42,7 +42,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlab.core.spec import QuantSpec
-from qlab.gguf.blocks import get_format
 from qlab.methods import get_method
 from qlab.models.modules import build
 from qlab.models.transforms import divide_output, llama_scaling_groups
@@ -61,13 +60,7 @@ class Entry:
 
     def __post_init__(self):
         m = get_method(self.method)
-        if self.method == "gguf":
-            qtype = str(self.spec).upper()
-            if qtype != "F16":
-                get_format(qtype)  # a clear error for unknown types
-            object.__setattr__(self, "spec", qtype)
-        else:
-            object.__setattr__(self, "spec", QuantSpec.parse(self.spec))
+        object.__setattr__(self, "spec", m.parse_spec(self.spec) if m.parse_spec else QuantSpec.parse(self.spec))
         accepted = [p.name for p in inspect.signature(m.fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
         unknown = set(self.options) - set(accepted)
         if unknown:

@@ -22,6 +22,7 @@ E8 + 1/4 with a 16-bit code = (8-bit abs pattern index) << 8 | (8 sign bits). Se
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -137,6 +138,11 @@ def e8p_abs_patterns() -> torch.Tensor:
     some u in D8 + 1/2: flipping one sign changes the sum by an odd number, so one sign choice makes it
     even), then the 29 norm-12 patterns of ``E8P_NORM12_HALVES``. Example: pattern 0 is (1/2, ..., 1/2).
     """
+    return _abs_patterns().clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _abs_patterns() -> torch.Tensor:
     halves = (0.5, 1.5, 2.5)  # 7/2 already has 49/4 > 10
     short = [a for a in itertools.product(halves, repeat=8) if sum(v * v for v in a) <= 10]
     norm12 = [tuple(0.5 if str(i) in h else 1.5 for i in range(8)) for h in E8P_NORM12_HALVES]

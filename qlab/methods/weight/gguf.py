@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qlab.core.quant import quantize as core_quantize
-from qlab.gguf.blocks import quantize
+from qlab.gguf.blocks import get_format, quantize
 from qlab.gguf.mixes import choose_types, mix_summary
 from qlab.methods.base import QuantResult
 
@@ -44,6 +44,14 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     if not model.config.tie_word_embeddings:
         out["output.weight"] = "lm_head.weight"
     return out
+
+
+def parse_gguf_spec(spec) -> str:
+    """A GGUF type name ('q4_k' -> 'Q4_K'; 'F16' is an fp16 cast); unknown types are a clear error."""
+    qtype = str(spec).upper()
+    if qtype != "F16":
+        get_format(qtype)
+    return qtype
 
 
 def gguf_method(weights, X, spec, names=None, *, imatrix=None) -> QuantResult:
