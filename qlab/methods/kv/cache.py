@@ -18,6 +18,9 @@ and the same for values. What is stored, per layer (x is [batch, kv_heads, T, he
   block of G tokens at a time, so the float key tail holds R + ((T - R) mod G) tokens and the value
   tail exactly R (once T >= R). ``keys='token'`` quantizes keys like values: the baseline KIVI argues
   against.
+* :class:`GEAR` (Kang et al. 2024): KIVI's codes of X - S plus the outliers S (positions + fp16 values) and
+  a low-rank fit L = A @ B (fp16 factors) of the remaining error, per block of G (or more) tokens that
+  leaves the float window; keys and values both leave it a whole block at a time.
 
 Example (a model whose config has 2 KV heads of dimension 16):
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from qlab.methods.kv.gear import gear_compress
 from qlab.methods.kv.kivi import concat_tokens, dequantize_kv, quantize_kv
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -98,6 +102,53 @@ class KIVI:
     def __str__(self):
         return (f"kivi{self.bits}-g{self.group_size}-r{self.residual}" + ("-ktoken" if self.keys == "token" else "")
                 + (f"-{self.backend}" if self.backend else ""))
+
+
+@dataclass(frozen=True)
+class GEAR:
+    """GEAR's cache (``qlab.methods.kv.gear``): X_hat = Q(X - S) + S + L on the tokens that leave the float window.
+
+    Q is KIVI's ``bits``-bit grouping (keys per channel over G tokens, values per token over G channels), S the
+    ``outlier_ratio`` largest-magnitude entries, L a rank-``rank`` power-iteration fit of the error. Keys *and*
+    values leave the window of ``residual`` (R) tokens a whole block of G at a time (GEAR's streaming buffer), so
+    each block gets its own S and L. ``use_sparse`` / ``use_lowrank`` switch S / L off for the ablation:
+    Q, Q+L, Q+S, Q+L+S.
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 32
+    outlier_ratio: float = 0.02
+    rank: int = 2
+    power_iters: int = 3
+    use_sparse: bool = True
+    use_lowrank: bool = True
+    seed: int = 0
+    backend: str | None = None  # kernel backend of the KIVI quantizer, see qlab.kernels.dispatch
+
+    def __post_init__(self):
+        try:
+            KIVI(self.bits, self.group_size, self.residual)  # Q is KIVI's: the same rules for bits, G and R
+        except ValueError as e:
+            raise ValueError(f"GEAR's Q: {e}") from None
+        if not 0 <= self.outlier_ratio < 1:
+            raise ValueError(f"outlier_ratio is the fraction of entries kept exact, in [0, 1), "
+                             f"got {self.outlier_ratio!r}")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be an int >= 0 (the paper uses 2-4), got {self.rank!r}")
+        if not isinstance(self.power_iters, int) or self.power_iters < 1:
+            raise ValueError(f"power_iters must be an int >= 1, got {self.power_iters!r}")
+
+    @property
+    def parts(self) -> str:
+        """Which of GEAR's parts are on: 'Q', 'Q+L', 'Q+S' or 'Q+L+S'."""
+        return "Q" + ("+L" if self.use_lowrank and self.rank else "") + (
+            "+S" if self.use_sparse and self.outlier_ratio else "")
+
+    def __str__(self):
+        extra = (f"-l{self.rank}" if "L" in self.parts else "") + (
+            f"-s{self.outlier_ratio:g}" if "S" in self.parts else "") + (f"-{self.backend}" if self.backend else "")
+        return f"gear{self.bits}-g{self.group_size}-r{self.residual}{extra}"
 
 
 def _refuse_non_finite(x: torch.Tensor, what: str):
@@ -194,7 +245,41 @@ class KIVIStore:
         return sum(_held(t) for t in quantized + [r for r in self.residual.values() if r is not None])
 
 
-STORES = {FP8: FP8Store, KIVI: KIVIStore}  # method config -> what a layer holds
+class GEARStore:
+    """A list of ``GEARBlock`` per side (one per flush of G or more tokens) plus the full-precision residual."""
+
+    def __init__(self, method: GEAR, layer_idx: int = 0):
+        self.method = method
+        self.blocks = {"k": [], "v": []}
+        self.residual = {"k": None, "v": None}
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor):
+        m = self.method
+        for side, x in (("k", keys), ("v", values)):
+            old = self.residual[side]
+            r = x.clone() if old is None else torch.cat([old, x], dim=-2)
+            over = max(r.shape[-2] - m.residual, 0)
+            over -= over % m.group_size  # whole blocks of G tokens leave the window
+            if over:
+                which = "key" if side == "k" else "value"
+                self.blocks[side].append(gear_compress(
+                    r[..., :over, :], which, m.bits, m.group_size, m.outlier_ratio if m.use_sparse else 0.0,
+                    m.rank if m.use_lowrank else 0, m.power_iters, m.seed, backend=m.backend))
+                r = r[..., over:, :].clone()  # clone: a view would keep the whole old buffer alive
+            self.residual[side] = r
+
+    def read(self, dtype):
+        if self.residual["k"] is None:
+            return None, None
+        return tuple(torch.cat([b.dequantize(dtype, self.method.backend) for b in self.blocks[side]]
+                               + [self.residual[side].to(dtype)], dim=-2) for side in ("k", "v"))
+
+    def nbytes(self) -> int:
+        held = [t for side in ("k", "v") for b in self.blocks[side] for t in b.tensors()]
+        return sum(_held(t) for t in held + [r for r in self.residual.values() if r is not None])
+
+
+STORES = {FP8: FP8Store, KIVI: KIVIStore, GEAR: GEARStore}  # method config -> what a layer holds
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -279,7 +364,8 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=[QuantizedKVLayer(method, kv_heads, head_dim, max_length, i) for i in range(n_layers)])
 
     def nbytes(self) -> int:
-        """The bytes the cache really holds: codes, scales, minima and full-precision residuals, all layers."""
+        """The bytes the cache really holds: codes, scales, minima, outliers, low-rank factors and full-precision
+        residuals, all layers."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def __repr__(self):
