@@ -1,0 +1,57 @@
+"""Two bits per weight on the embedded model: QuIP# (E8P) next to RTN, GPTQ and AWQ, one sweep, one protocol.
+
+    python -m qlab.benchmarks.two_bit                          # QuIP# and RTN (about 20-40 min on 2 cores)
+    python -m qlab.benchmarks.two_bit --methods rtn,gptq,awq,quip --threads 2
+
+The protocol is notebook 08's (16 spread windows of 512 tokens from the evaluation articles, 32 calibration
+windows from the 8 held-out articles, no BOS), so its rows line up with the README's calibrated-PTQ table. Every
+block Linear is quantized; embeddings and the tied lm_head stay float. Scalar methods use int2, groups of 128,
+asymmetric min-max (2.16 bits per weight on 576-wide rows); QuIP# spends 16 bits per 8 weights plus one scale
+and the sign vectors per layer (2.00). Results are cached per configuration under ``--results``; the table
+(label, bits per weight, perplexity, KL, top-1, quantize seconds) is printed and written as CSV beside them.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from qlab.eval.sweep import DEFAULT_RESULTS, EvalProtocol, run_sweep
+
+SCALAR_SPEC = "int2-g128-asym-minmax"
+
+
+def configs(methods: list[str], calib_windows: int = 32) -> list[dict]:
+    out = []
+    for m in methods:
+        if m == "rtn":
+            out.append({"label": "RTN int2 g128", "recipe": {"model.layers.*": SCALAR_SPEC}})
+        elif m in ("gptq", "awq"):
+            out.append({"label": f"{m.upper()} int2 g128", "recipe": {"model.layers.*": f"{m}:{SCALAR_SPEC}"},
+                        "calib_windows": calib_windows})
+        elif m == "quip":
+            out.append({"label": "QuIP# E8P", "recipe": {"model.layers.*": "quip:e8p"}, "calib_windows": calib_windows})
+        else:
+            raise SystemExit(f"unknown method {m!r}; known: rtn, gptq, awq, quip")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="rtn,quip")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval", type=int, default=16, help="evaluation windows of 512 tokens")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS / "two_bit"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    protocol = EvalProtocol(part="evaluation", seq_len=512, n_windows=args.eval, pick="spread")
+    df = run_sweep(configs(args.methods.split(",")), protocol, args.results)
+    cols = ["label", "quantized_bpw", "ppl", "ppl_ref", "kl_mean", "top1", "quant_seconds"]
+    print(protocol.describe())
+    print(df[cols].to_string(index=False))
+    df.drop(columns=["window_nll"]).to_csv(Path(args.results) / "table.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()
