@@ -4,6 +4,7 @@
     qlab eval --recipe int4-g32-asym-minmax --n-windows 16 --out runs/eval.json
     qlab sweep configs.json --results results/mine --n-windows 16 --out runs/sweep.csv
     qlab export --mix Q4_K_M --out runs/model-Q4_K_M.gguf
+    qlab export --format compressed-tensors --recipe int4-g64-asym-minmax --out runs/smollm2-w4g64
 
 ``--recipe`` is a JSON recipe (name patterns -> entries, see ``qlab.models.walker``) or a single entry
 ('int4-g128-asym-minmax', 'awq:int4-g128-asym-minmax', 'q4_1'), which then applies to every block Linear.
@@ -116,15 +117,28 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
-    """Write a .gguf that llama.cpp loads: the embedded GGUF (or --src) re-quantized with a llama.cpp mix."""
-    from qlab.gguf.files import quantize_gguf
-    from qlab.models import embedded_gguf_path
+    """Write a .gguf that llama.cpp loads (the embedded GGUF, or --src, re-quantized with a llama.cpp --mix), or a
+    compressed-tensors folder that transformers and vLLM load (the model quantized with --recipe)."""
+    from qlab.models.export import export
 
-    src = Path(args.src) if args.src else embedded_gguf_path()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    choices = quantize_gguf(src, out, args.mix, progress=True)
-    print(json.dumps({"out": str(out), "mix": args.mix, "tensors": len(choices), "bytes": out.stat().st_size}))
+    if args.format == "gguf":
+        from qlab.models import embedded_gguf_path
+
+        if not args.mix:
+            raise SystemExit("--format gguf needs --mix (Q4_K_M, Q8_0, ...)")
+        export(Path(args.src) if args.src else embedded_gguf_path(), None, out, format="gguf", mix=args.mix, progress=True)
+        print(json.dumps({"out": str(out), "mix": args.mix, "bytes": out.stat().st_size}))
+        return
+    from qlab.models import load_model
+
+    if not args.recipe:
+        raise SystemExit("--format compressed-tensors needs --recipe (e.g. int4-g64-asym-minmax)")
+    model, tokenizer = load_model(args.model)
+    qmodel, report = _quantized_model(args, model, tokenizer)
+    export(qmodel, report, out, tokenizer)
+    print(json.dumps({"out": str(out), **report.summary()}))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,9 +175,11 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_sweep)
 
     q = sub.add_parser("export", help=cmd_export.__doc__)
-    q.add_argument("--mix", required=True, help="llama.cpp mix: Q4_K_M, Q8_0, ...")
-    q.add_argument("--src", default=None, help="source .gguf (default: the embedded model's)")
-    q.add_argument("--out", required=True, help="the .gguf to write (atomically)")
+    common(q)
+    q.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors"])
+    q.add_argument("--mix", default=None, help="gguf: the llama.cpp mix (Q4_K_M, Q8_0, ...)")
+    q.add_argument("--src", default=None, help="gguf: the source .gguf (default: the embedded model's)")
+    q.add_argument("--out", required=True, help="the .gguf to write (atomically), or the folder")
     q.set_defaults(fn=cmd_export)
     return p
 

@@ -70,3 +70,16 @@ def test_export_writes_a_gguf_that_reads_back(tmp_path):
     assert main(["export", "--mix", "Q8_0", "--out", str(out)]) == 0
     f = read_gguf(out)
     assert {t.qtype for t in f.tensors.values() if hasattr(t, "qtype")} == {"Q8_0"}
+
+
+@pytest.mark.model
+def test_export_compressed_tensors_folder(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "ct"
+    assert main(["export", "--format", "compressed-tensors", "--recipe", '{"model.layers.0.mlp.*": "int4-g64-asym-minmax"}',
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.up_proj.weight_packed" in f.keys()
