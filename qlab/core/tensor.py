@@ -75,7 +75,8 @@ def load_qtensor(path) -> QTensor:
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
+    """torch.float32 from "torch.float32" (how state dicts store a dtype); unknown names are a clear error."""
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r} in a state dict; known: {sorted(_DTYPES)}")
     return _DTYPES[name]
@@ -163,7 +164,7 @@ class QuantizedTensor:
         if isinstance(scale, dict):
             scale = cls.from_state_dict(scale)
         spec = QuantSpec.parse(state["spec"])
-        t = cls(spec, tuple(state["shape"]), _dtype(state["dtype"]), state["packed"], scale,
+        t = cls(spec, tuple(state["shape"]), dtype_from_name(state["dtype"]), state["packed"], scale,
                 state["zero_point"], float(state["scale_offset"]), state.get("minimum"))
         if t.packed.numel() != packed_nbytes(t.numel, spec.bits):
             raise ValueError(f"state dict holds {t.packed.numel()} bytes of codes; {t.numel} codes of "
@@ -258,7 +259,7 @@ class CodebookTensor:
     def from_state_dict(cls, state: dict) -> "CodebookTensor":
         codes = unpack(state["codes"], state["bits"], state["n_codes"]).reshape(state["codes_shape"])
         return cls(tuple(state["shape"]), codes, state["codebooks"], state["scale"], state["bits"],
-                   _dtype(state["dtype"]), bool(state["learned_codebooks"]))
+                   dtype_from_name(state["dtype"]), bool(state["learned_codebooks"]))
 
     def __repr__(self):
         M, K, d = self.codebooks.shape

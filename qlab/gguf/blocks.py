@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES, QK_K  # QK_K: the k-quants' super-block size (256)
 
-from qlab.core.tensor import register_kind
+from qlab.core.tensor import dtype_from_name, register_kind
 from qlab.gguf.search import F32, seqsum
 
 FORMATS: dict[str, "BlockFormat"] = {}
@@ -240,8 +240,6 @@ class GGUFTensor:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "GGUFTensor":
-        from qlab.core.tensor import _dtype
-
         fmt = get_format(state["qtype"])
         shape = tuple(state["shape"])
         data = state["data"].numpy()
@@ -249,7 +247,7 @@ class GGUFTensor:
         if data.dtype != np.uint8 or data.shape != (rows, shape[-1] // fmt.block_size * fmt.type_size):
             raise ValueError(f"{fmt.name} bytes for shape {shape} must be uint8 [{rows}, "
                              f"{shape[-1] // fmt.block_size * fmt.type_size}], got {data.dtype} {data.shape}")
-        return cls(fmt.name, shape, data, _dtype(state["dtype"]))
+        return cls(fmt.name, shape, data, dtype_from_name(state["dtype"]))
 
     def __repr__(self):
         return f"GGUFTensor({self.qtype}, shape={tuple(self.shape)}, {self.bits_per_weight:g} bpw)"

@@ -28,7 +28,7 @@ import torch
 
 from qlab.core.packing import packed_nbytes
 from qlab.core.spec import QuantSpec
-from qlab.core.tensor import register_kind
+from qlab.core.tensor import dtype_from_name, register_kind
 from qlab.kernels import dispatch
 
 tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.Kernel)
@@ -90,10 +90,8 @@ class KVQuantized:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "KVQuantized":
-        from qlab.core.tensor import _dtype
-
         t = cls(state["packed"], state["scale"], state["minimum"], tuple(state["shape"]), int(state["bits"]),
-                int(state["group_size"]), state["which"], _dtype(state["dtype"]))
+                int(state["group_size"]), state["which"], dtype_from_name(state["dtype"]))
         _check(t.shape, t.bits, t.group_size, t.which)
         if t.packed.numel() != packed_nbytes(math.prod(t.shape), t.bits):
             raise ValueError(f"{t.packed.numel()} bytes cannot hold the codes of a {t.shape} tensor at {t.bits} bits")

@@ -39,7 +39,7 @@ from qlab.core.packing import pack, unpack
 from qlab.core.quant import validate
 from qlab.core.rotations import RandomizedHadamard
 from qlab.core.scales import dequantize_groups, quantize_groups
-from qlab.core.tensor import _dtype, register_kind
+from qlab.core.tensor import dtype_from_name, register_kind
 from qlab.methods.base import QuantResult
 from qlab.methods.weight.gptq import HessianAccumulator
 
@@ -203,7 +203,7 @@ class QuipTensor:
         codes = unpack(state["codes"], 16, m * n // 8).reshape(m, n // 8)
         SU = 1.0 - 2.0 * unpack(state["SU"], 1, n).double()
         SV = 1.0 - 2.0 * unpack(state["SV"], 1, m).double()
-        return cls((m, n), codes, float(state["scale"]), SU, SV, int(state["seed"]), _dtype(state["dtype"]))
+        return cls((m, n), codes, float(state["scale"]), SU, SV, int(state["seed"]), dtype_from_name(state["dtype"]))
 
     def __repr__(self):
         return f"QuipTensor(E8P, shape={self.shape}, {self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight)"
