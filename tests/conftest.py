@@ -21,3 +21,12 @@ def weight(gen):
     w[3, 100] = 0.5
     w[7, 575] = -0.4
     return w
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls on 2 shared cores run far faster on one thread than on two oversubscribed ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

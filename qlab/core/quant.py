@@ -180,13 +180,18 @@ def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
     inner loop of the searches in AWQ and the scale rules calls this many times per layer)."""
     spec = QuantSpec.parse(spec)
     validate(x)
-    gran = spec.granularity
-    G, mask = gran.to_groups(x.detach().float())
+    G, x_hat, _ = _fake_quant_groups(x, spec)
+    return spec.granularity.from_groups(x_hat, tuple(x.shape)).to(x.dtype)
+
+
+def _fake_quant_groups(x, spec: QuantSpec):
+    """(groups of x, their reconstruction, (scale, zero_point, minimum)) with the spec's granularity."""
+    G, mask = spec.granularity.to_groups(x.detach().float())
     scale, zero_point, minimum, _, _, zero_groups = _qparams(G, mask, spec)
     x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum)
     if zero_groups is not None:
         x_hat = x_hat.masked_fill(zero_groups[:, None], 0.0)
-    return gran.from_groups(x_hat, tuple(x.shape)).to(x.dtype)
+    return G, x_hat, (scale, zero_point, minimum)
 
 
 def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
@@ -210,11 +215,7 @@ def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
     spec = QuantSpec.parse(spec)
     validate(x.detach())
     gran = spec.granularity
-    G, mask = gran.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _, zero_groups = _qparams(G, mask, spec)
-    x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum)
-    if zero_groups is not None:
-        x_hat = x_hat.masked_fill(zero_groups[:, None], 0.0)
+    G, x_hat, (scale, zero_point, minimum) = _fake_quant_groups(x, spec)
     x_hat = gran.from_groups(x_hat, tuple(x.shape))
     if not clipped:
         inside = torch.ones_like(x_hat)

@@ -39,9 +39,6 @@ def real_layer(request):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on 2 shared cores run far faster on one thread than on two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _methods_on_one_thread(one_thread):
+    """Every method test runs on one thread (the ``one_thread`` fixture of tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)

@@ -14,13 +14,9 @@ from qlab.models.walker import quantize_model
 from qlab.study import memory
 from qlab.study.memory import GiB, KVFormat, deployment_bytes, tensor_bytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def weights_total(b: dict) -> float:

@@ -15,12 +15,6 @@ from qlab.methods.kv.cache import (FP8, KIVI, QuantizedKVCache, QuantizedKVLayer
 from qlab.methods.kv.kivi import kivi_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,6 @@ from qlab.methods.kv.gear import gear_compress, outliers, power_iteration
 from qlab.methods.kv.kivi import kivi_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
