@@ -8,12 +8,13 @@ from the ones before it:
 * ``qlab.gguf``       llama.cpp's block formats byte for byte, its mixes, .gguf files (GGUFTensor)
 * ``qlab.kernels``    Triton kernels, each beside its torch reference
 * ``qlab.methods``    every method behind one signature in one registry (``METHODS``): RTN, GPTQ, AWQ,
-                      GGUF types, W8A8 with or without SmoothQuant, LLM.int8()
+                      GGUF types, QuIP#, W8A8 with or without SmoothQuant, LLM.int8(); KV caches; QAT
 * ``qlab.models``     loading, WikiText-2 windows, calibration hooks, transforms, quantized modules and
                       the one walker that applies a recipe of methods to a model
 * ``qlab.eval``       perplexity / KL / top-1 against the float model, and resumable sweeps
 * ``qlab.study``      theory, precision, memory, grid alignment, roofline, plots
 * ``qlab.benchmarks`` scripts that time qlab against peers (``python -m qlab.benchmarks.<name>``)
+* ``qlab.cli``        the ``qlab`` command line: quantize, eval, sweep, export
 
 The everyday entry points are re-exported here:
 
