@@ -24,12 +24,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n * bits / 8) bytes."""
     if not (1 <= bits <= 8 or bits == 16):
         raise ValueError(f"can pack 1 to 8 or 16 bits per code, got {bits}")
-    c = codes.reshape(-1).to(torch.int64)
-    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits}) to be packed in {bits} bits")
+    c = codes.reshape(-1)
+    if c.numel():
+        lo, hi = torch.aminmax(c)
+        if lo < 0 or hi >= 2**bits:
+            raise ValueError(f"codes must lie in [0, {2**bits}) to be packed in {bits} bits")
     n = c.numel()
     if bits == 8:
         return c.to(torch.uint8)
+    if bits in (1, 2, 4):  # whole codes per byte: the same stream, in byte arithmetic (no 64-bit words)
+        per_byte = 8 // bits
+        c = torch.nn.functional.pad(c.to(torch.uint8), (0, (-n) % per_byte)).reshape(-1, per_byte)
+        shifts = bits * torch.arange(per_byte, dtype=torch.uint8)
+        return (c << shifts).sum(dim=1, dtype=torch.uint8)
+    c = c.to(torch.int64)
     if bits == 16:  # two bytes per code, low byte first
         return torch.stack([c & 0xFF, c >> 8], dim=1).reshape(-1).to(torch.uint8)
     c = torch.nn.functional.pad(c, (0, (-n) % 8)).reshape(-1, 8)  # 8 codes -> exactly `bits` bytes
@@ -45,6 +53,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"{p.numel()} bytes cannot hold exactly {n} codes of {bits} bits")
     if bits == 8:
         return p.to(torch.int64)
+    if bits in (1, 2, 4):  # whole codes per byte: byte arithmetic, one int64 conversion at the end
+        shifts = bits * torch.arange(8 // bits, dtype=torch.uint8)
+        return ((p.to(torch.uint8)[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:n].to(torch.int64)
     if bits == 16:
         p = p.to(torch.int64).reshape(-1, 2)
         return p[:, 0] | (p[:, 1] << 8)

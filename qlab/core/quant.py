@@ -23,7 +23,8 @@ def validate(x: torch.Tensor, what: str = "tensor"):
         raise ValueError(f"{what} must be floating point, got {x.dtype}; it is already quantized?")
     if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
         raise ValueError(f"{what} is {x.dtype}, already an 8-bit float; pass x.float() to re-quantize its values")
-    if not torch.isfinite(x).all():
+    lo, hi = torch.aminmax(x.detach())  # NaN propagates through both; one pass, no boolean copy of x
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"{what} has {bad} NaN/Inf value(s); quantization needs finite values")
 
