@@ -45,3 +45,15 @@ def test_notebook_runs_in_smoke_mode(path, monkeypatch, tmp_path):
         _run(path, out_dir, tmp_path / "results-retry")
     written = list(figures.glob(prefix + "*"))
     assert written, f"{path.name} saved no figure named {prefix}* under $QLAB_FIGURES"
+
+
+def test_notebook_sources_have_no_control_characters():
+    """A stray control character (a BEL where `\\alpha` was meant: "\\a" in a Python string) renders as garbage."""
+    import json
+    import re
+
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            text = "".join(cell["source"])
+            bad = re.findall(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text)
+            assert not bad, f"{path.name} cell {i} holds control characters {bad!r}"
