@@ -33,15 +33,6 @@ def _recipe(text: str) -> dict:
     return weight_only(text)
 
 
-def _calibrated(recipe: dict) -> bool:
-    from qlab.methods import get_method
-    from qlab.models.walker import entry
-
-    entries = [entry(v) for v in recipe.values()]
-    return any(e is not None and (get_method(e.method).wants_inputs(e.options) or get_method(e.method).folds_into)
-               for e in entries)
-
-
 def _windows(tokenizer, part, seq_len, n):
     from qlab.models.data import wikitext2_windows
 
@@ -49,10 +40,10 @@ def _windows(tokenizer, part, seq_len, n):
 
 
 def _quantized_model(args, model, tokenizer):
-    from qlab.models.walker import quantize_model
+    from qlab.models.walker import needs_calibration, quantize_model
 
     recipe = _recipe(args.recipe)
-    calib = _windows(tokenizer, "calibration", args.seq_len, args.calib) if _calibrated(recipe) else None
+    calib = _windows(tokenizer, "calibration", args.seq_len, args.calib) if needs_calibration(recipe) else None
     return quantize_model(model, recipe, calib, progress=True)
 
 

@@ -49,23 +49,23 @@ def _cast_min(dtype):
     return cast
 
 
-def _full_range_scale(G, mask, spec: QuantSpec) -> torch.Tensor:
-    """The unclipped scale of each group (absmax, min-max or absmean), before rounding to its storage dtype."""
+def _full_range(G, mask, spec: QuantSpec):
+    """Each group's unclipped (scale, zero point or minimum) by its rule's range (absmax, min-max, absmean),
+    before rounding to the storage dtype: the rule's own answer, or for 'mse' the range it shrinks from."""
     if spec.rule == "absmean":
-        return _scales.absmean(G, mask, spec.grid)[0]
+        return _scales.absmean(G, mask, spec.grid)
     if spec.float_min:
-        return _scales.minmax_float(G, mask, spec.grid)[0]
+        return _scales.minmax_float(G, mask, spec.grid)
     if spec.symmetric:
-        return _scales.absmax(G, mask, spec.grid)[0]
-    return _scales.minmax(G, mask, spec.grid)[0]
+        return _scales.absmax(G, mask, spec.grid)
+    return _scales.minmax(G, mask, spec.grid)
 
 
-def _check_underflow(G, mask, spec: QuantSpec) -> torch.Tensor:
+def _check_underflow(raw: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Raise when a group with non-zero values would get a scale its storage dtype cannot hold (0, or a deep
-    subnormal with more than ~1% rounding error: fp16 below 2^-18 = 3.8e-6). Returns the mask of all-zero
-    groups (symmetric or integer-zero-point specs), whose scale is stored as 0 so they de-quantize to exact
-    zeros on every grid (a binary grid has no 0 level)."""
-    raw = _full_range_scale(G, mask, spec)
+    subnormal with more than ~1% rounding error: fp16 below 2^-18 = 3.8e-6), ``raw`` being the unclipped
+    scales. Returns the mask of all-zero groups (symmetric or integer-zero-point specs), whose scale is stored
+    as 0 so they de-quantize to exact zeros on every grid (a binary grid has no 0 level)."""
     dtype = SCALE_DTYPES[spec.scale_dtype]
     smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps * 64  # 64 subnormal steps
     bad = (raw > 0) & (raw.to(dtype).float() < smallest)
@@ -96,12 +96,20 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None
     cast = _cast_scale(SCALE_DTYPES[spec.scale_dtype])
     cast_min = _cast_min(SCALE_DTYPES[spec.scale_dtype])
     zero_groups = None
-    if scale is None and spec.rule != "none":
-        zero_groups = _check_underflow(G, mask, spec)
-    if scale is None and spec.float_min:
-        scale, minimum = _scales.choose_qparams(G, mask, grid, spec.rule, False, cast, True, cast_min)
+    if scale is None and spec.rule == "none":
+        scale, zero_point = _scales.choose_qparams(G, mask, grid, "none", spec.symmetric, cast)
     elif scale is None:
-        scale, zero_point = _scales.choose_qparams(G, mask, grid, spec.rule, spec.symmetric, cast)
+        raw, offset = _full_range(G, mask, spec)  # one pass over the groups: the rule's range
+        zero_groups = _check_underflow(raw, spec)
+        if spec.rule == "mse":  # searches clipped ranges below the full one
+            scale, offset = _scales.choose_qparams(G, mask, grid, "mse", spec.symmetric and not spec.float_min, cast,
+                                                   spec.float_min, cast_min)
+        else:  # the rule's own answer is the full range (what choose_qparams would compute again)
+            scale, offset = cast(raw), (cast_min(offset) if spec.float_min else offset)
+        if spec.float_min:
+            minimum = offset
+        else:
+            zero_point = offset
     elif spec.float_min:
         if minimum is None or zero_point is not None:
             raise ValueError("a float-minimum spec ('fmin') takes minimum=, not zero_point=")

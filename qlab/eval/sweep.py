@@ -186,14 +186,10 @@ def config_method(config: dict) -> str:
 
 def _calib_windows(config: dict) -> int:
     """How many calibration windows a configuration uses (0 when no method in it calibrates)."""
-    from qlab.methods import get_method
-    from qlab.models.walker import entry
+    from qlab.models.walker import needs_calibration
 
     recipe, _ = config_recipe(config)
-    entries = [entry(v) for v in recipe.values()]
-    needs = any(e is not None and (get_method(e.method).wants_inputs(e.options) or get_method(e.method).folds_into)
-                for e in entries)
-    return config.get("calib_windows", 32) if needs else 0
+    return config.get("calib_windows", 32) if needs_calibration(recipe) else 0
 
 
 def _quantize(config: dict, model, session):

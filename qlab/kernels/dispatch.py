@@ -134,10 +134,3 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be the weight's K = {k}")
     return x.reshape(-1, k).contiguous()
 
-
-def finite(x: torch.Tensor, what: str = "x") -> torch.Tensor:
-    """``x``, after refusing NaN/Inf: a kernel and its torch reference would turn them into different codes
-    (a NaN became code 0 in torch and -127 under the interpreter), so neither gets them."""
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{what} has {int((~torch.isfinite(x)).sum())} NaN/Inf value(s); quantization needs finite values")
-    return x

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from qlab.core.quant import validate
 from qlab.kernels import dispatch
 
 tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.Kernel)
@@ -88,7 +89,8 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", backend: str | Non
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     backend = dispatch.resolve(backend)
-    x2 = dispatch.finite(x).reshape(-1, x.shape[-1]).contiguous()
+    validate(x, "x")  # NaN/Inf would become different codes in torch and in the kernel
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     per_token = granularity == "token"
     if backend == "torch":
         q, scale = quantize_fp8_reference(x2, granularity)

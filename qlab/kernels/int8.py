@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from qlab.core.quant import validate
 from qlab.kernels import dispatch
 
 tl = None  # triton.language, bound on first launch (see qlab.kernels.dispatch.Kernel)
@@ -94,7 +95,8 @@ def _matmul_kernel(qx_ptr, qw_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, st
 def quantize_per_token_int8(x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [..., K], scale fp32 [...]) with one scale per row (token) of x."""
     backend = dispatch.resolve(backend)
-    x2 = dispatch.finite(x).reshape(-1, x.shape[-1]).contiguous()
+    validate(x, "x")  # NaN/Inf would become different codes in torch and in the kernel
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if backend == "torch":
         q, scale = quantize_per_token_int8_reference(x2)
     else:

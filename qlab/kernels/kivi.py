@@ -27,6 +27,7 @@ import math
 import torch
 
 from qlab.core.packing import packed_nbytes
+from qlab.core.quant import validate
 from qlab.core.spec import QuantSpec
 from qlab.core.tensor import dtype_from_name, register_kind
 from qlab.kernels import dispatch
@@ -59,9 +60,8 @@ class KVQuantized:
 
     @property
     def spec(self) -> QuantSpec:
-        """The equivalent core spec (see ``qlab.methods.kv.kivi.kivi_spec``)."""
-        axis = "@-2" if self.which == "key" else ""
-        return QuantSpec.parse(f"int{self.bits}-g{self.group_size}{axis}-asym-minmax-fmin-sfp32")
+        """The equivalent core spec (:func:`kivi_spec`)."""
+        return kivi_spec(self.which, self.bits, self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +96,15 @@ class KVQuantized:
         if t.packed.numel() != packed_nbytes(math.prod(t.shape), t.bits):
             raise ValueError(f"{t.packed.numel()} bytes cannot hold the codes of a {t.shape} tensor at {t.bits} bits")
         return t
+
+
+def kivi_spec(which: str, bits: int = 2, group_size: int = 32) -> QuantSpec:
+    """The core spec of KIVI's keys ('key': groups of G tokens per channel) or values ('value': groups of G
+    channels per token): int{bits}, min-max with a float minimum, fp32 scales."""
+    if which not in AXES:
+        raise ValueError(f"which must be 'key' or 'value', got {which!r}")
+    axis = "@-2" if which == "key" else ""
+    return QuantSpec.parse(f"int{bits}-g{group_size}{axis}-asym-minmax-fmin-sfp32")
 
 
 def _stats_shape(t: int, d: int, g: int, kind: str) -> tuple:
@@ -220,7 +229,7 @@ def kivi_quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32, kind: st
                   backend: str | None = None) -> KVQuantized:
     """Quantize keys (per channel) or values (per token) of shape [..., T, D] in groups of ``group_size``."""
     _check(x.shape, bits, group_size, kind)
-    dispatch.finite(x)
+    validate(x, "x")
     backend = dispatch.resolve(backend)
     if backend == "torch":
         return kivi_quantize_reference(x, bits, group_size, kind)

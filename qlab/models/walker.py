@@ -94,6 +94,19 @@ def entry(value) -> Entry | None:
                      f"got {value!r}")
 
 
+def calibrates(e: Entry | None) -> bool:
+    """Does this entry's method read calibration inputs (to measure them, or to choose scales to fold)?"""
+    if e is None:
+        return False
+    method = get_method(e.method)
+    return method.wants_inputs(e.options) or bool(method.folds_into)
+
+
+def needs_calibration(recipe: dict) -> bool:
+    """Does any entry of ``recipe`` (values as a recipe takes them) calibrate?"""
+    return any(calibrates(entry(v)) for v in recipe.values())
+
+
 def weight_only(value) -> dict:
     """``{"model.layers.*": value}``: quantize every block linear, keep embeddings/lm_head float."""
     return {BLOCK_LINEARS: value}
@@ -345,8 +358,7 @@ def quantize_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
     if mode not in ("fake", "packed"):
         raise ValueError(f"mode must be 'fake' or 'packed', got {mode!r}")
     plan = resolve(model, recipe)
-    calibrated = {n for n, e in plan.items() if e is not None and
-                  (get_method(e.method).wants_inputs(e.options) or get_method(e.method).folds_into)}
+    calibrated = {n for n, e in plan.items() if calibrates(e)}
     if calibrated and calib is None:
         example = next(iter(calibrated))
         raise ValueError(f"{plan[example].method} ({example}) needs calibration windows: "

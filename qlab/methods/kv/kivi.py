@@ -12,16 +12,7 @@ codes and statistics equal ``qlab.quantize(x, kivi_spec(...))`` bit for bit (tes
 """
 import torch
 
-from qlab.core.spec import QuantSpec
-from qlab.kernels.kivi import KVQuantized, kivi_dequantize, kivi_quantize
-
-
-def kivi_spec(which: str, bits: int = 2, group_size: int = 32) -> QuantSpec:
-    """The core spec of KIVI's keys ('key': groups of tokens per channel) or values ('value')."""
-    if which not in ("key", "value"):
-        raise ValueError(f"which must be 'key' or 'value', got {which!r}")
-    axis = "@-2" if which == "key" else ""
-    return QuantSpec.parse(f"int{bits}-g{group_size}{axis}-asym-minmax-fmin-sfp32")
+from qlab.kernels.kivi import KVQuantized, kivi_dequantize, kivi_quantize, kivi_spec  # noqa: F401  (kivi_spec: the grouping, in the kernel's module so its tensors can name their spec)
 
 
 def quantize_kv(x, which: str, bits: int = 2, group_size: int = 32, backend: str | None = None) -> KVQuantized:
