@@ -13,6 +13,7 @@ from qlab import dequantize, quantize
 from qlab.methods.kv.cache import (FP8, KIVI, QuantizedKVCache, QuantizedKVLayer, cache_perplexity, calibrate_fp8,
                                   chunked_logits)
 from qlab.methods.kv.kivi import kivi_spec
+from kv_steps import one_decode_step
 
 
 
@@ -107,20 +108,7 @@ def test_keys_leave_the_window_a_group_at_a_time():
 def test_attention_sees_the_dequantized_past(model, method):
     """One decode step through the cache = the same step through a float DynamicCache whose keys and values
     were replaced by their round trip; and it differs from the float cache (the error is really there)."""
-    g = torch.Generator().manual_seed(1)
-    prompt, nxt = torch.randint(0, 256, (1, 18), generator=g), torch.randint(0, 256, (1, 1), generator=g)
-    with torch.no_grad():
-        cache = QuantizedKVCache(method, model.config)
-        model(prompt, past_key_values=cache, use_cache=True)
-        got = model(nxt, past_key_values=cache, use_cache=True).logits
-
-        by_hand, exact = DynamicCache(), DynamicCache()
-        model(prompt, past_key_values=by_hand, use_cache=True)
-        model(prompt, past_key_values=exact, use_cache=True)
-        for i, layer in enumerate(by_hand.layers):
-            layer.keys, layer.values = roundtrip(method, layer.keys, "k", i), roundtrip(method, layer.values, "v", i)
-        want = model(nxt, past_key_values=by_hand, use_cache=True).logits
-        float_logits = model(nxt, past_key_values=exact, use_cache=True).logits
+    got, want, float_logits = one_decode_step(model, method, lambda x, side, i: roundtrip(method, x, side, i), seed=1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got - float_logits).abs().max() > 20 * (got - want).abs().max().clamp(min=1e-7)
 

@@ -7,13 +7,13 @@ with its keys and values swapped for GEAR's read-back.
 """
 import pytest
 import torch
-from transformers import DynamicCache
 
 from embedded import embedded, tiny_llama  # noqa: F401  (session fixture)
 from qlab import dequantize, quantize
 from qlab.methods.kv.cache import GEAR, KIVI, QuantizedKVCache, QuantizedKVLayer, cache_perplexity
 from qlab.methods.kv.gear import gear_compress, outliers, power_iteration
 from qlab.methods.kv.kivi import kivi_spec
+from kv_steps import one_decode_step
 
 
 
@@ -163,19 +163,8 @@ def test_attention_sees_the_gear_past(model, parts):
     """One decode step through the cache = the same step through a float DynamicCache holding GEAR's read-back
     of the prompt; and it differs from the float cache (the error is really there)."""
     method = gear(2, 4, 4, parts)
-    g = torch.Generator().manual_seed(5)
-    prompt, nxt = torch.randint(0, 256, (1, 18), generator=g), torch.randint(0, 256, (1, 1), generator=g)
-    with torch.no_grad():
-        cache = QuantizedKVCache(method, model.config)
-        model(prompt, past_key_values=cache, use_cache=True)
-        got = model(nxt, past_key_values=cache, use_cache=True).logits
-        by_hand, exact = DynamicCache(), DynamicCache()
-        model(prompt, past_key_values=by_hand, use_cache=True)
-        model(prompt, past_key_values=exact, use_cache=True)
-        for layer in by_hand.layers:
-            layer.keys, layer.values = roundtrip(method, layer.keys, "key"), roundtrip(method, layer.values, "value")
-        want = model(nxt, past_key_values=by_hand, use_cache=True).logits
-        float_logits = model(nxt, past_key_values=exact, use_cache=True).logits
+    side = {"k": "key", "v": "value"}
+    got, want, float_logits = one_decode_step(model, method, lambda x, s, i: roundtrip(method, x, side[s]), seed=5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got - float_logits).abs().max() > 20 * (got - want).abs().max().clamp(min=1e-7)
 
