@@ -59,8 +59,14 @@ def group_size(spec: QuantSpec, in_features: int) -> int:
     return spec.granularity.columns_per_scale(shape)
 
 
-def _output_error(X, weights, outputs, fake_weights):
-    return sum(float(((X @ Wq.T - Y) ** 2).mean()) for Wq, Y in zip(fake_weights, outputs)) / len(weights)
+def _output_error(H, n_tokens, weights, fake_weights):
+    """Mean squared output error over tokens and outputs, averaged over the Linears: for each W,
+    ||X (Wq - W)^T||^2 / (n out) = tr(dW H dW^T) / (n out) with dW = Wq - W and H = X^T X."""
+    total = 0.0
+    for W, Wq in zip(weights, fake_weights):
+        dW = Wq.float() - W.float()
+        total += float(((dW @ H) * dW).sum()) / (n_tokens * W.shape[0])
+    return total / len(weights)
 
 
 def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int = 4096):
@@ -71,12 +77,13 @@ def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int
     X = X.reshape(-1, X.shape[-1]).float()
     x_mean = mean_abs(X)
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
-    outputs = [X @ W.float().T for W in weights]
+    # the output error needs X only through H = X^T X: one [in, in] product instead of a matmul per grid point
+    H = (X.double().T @ X.double()).float()
     losses = torch.zeros(n_grid)
     for i in range(n_grid):
         s = awq_scales(x_mean, i / n_grid)
         fake = [fake_quant(W.float() * s, spec) / s for W in weights]  # the effective weight Q(W s) / s
-        losses[i] = _output_error(X, weights, outputs, fake)
+        losses[i] = _output_error(H, X.shape[0], weights, fake)
     best = int(torch.argmin(losses))
     return awq_scales(x_mean, best / n_grid), best / n_grid, losses
 
