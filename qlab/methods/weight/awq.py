@@ -78,7 +78,7 @@ def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int
     x_mean = mean_abs(X)
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
     # the output error needs X only through H = X^T X: one [in, in] product instead of a matmul per grid point
-    H = (X.double().T @ X.double()).float()
+    H = X.T @ X
     losses = torch.zeros(n_grid)
     for i in range(n_grid):
         s = awq_scales(x_mean, i / n_grid)
@@ -105,16 +105,17 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     g = group_size(spec, in_features)
     X = X.reshape(-1, in_features).float()
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
-    Xg = _pad_columns(X, g)  # [n, G, g]
+    Xg = _pad_columns(X, g).transpose(0, 1)  # [G, n, g]
+    H = Xg.transpose(1, 2) @ Xg  # [G, g, g]: each group's X_g^T X_g, so the error needs no token matmul
     Wg = _pad_columns(W.float(), g)  # [out, G, g]
-    ref = torch.einsum("ngk,ogk->nog", Xg, Wg)
     org_max = Wg.abs().amax(dim=-1)  # [out, G]
     best_err = torch.full_like(org_max, float("inf"))
     best_max = org_max.clone()
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
         Wq = fake_quant(apply_clip(W.float(), max_val, g), spec)
-        err = ((torch.einsum("ngk,ogk->nog", Xg, _pad_columns(Wq, g)) - ref) ** 2).mean(dim=0)  # [out, G]
+        dW = (_pad_columns(Wq, g) - Wg).transpose(0, 1)  # [G, out, g]
+        err = ((dW @ H) * dW).sum(dim=-1).T / X.shape[0]  # mean_t (x_t,g . dw_g)^2 = dw_g H_g dw_g^T / n: [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
