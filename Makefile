@@ -52,7 +52,7 @@ smoke: env
 	$(BIN)/python -m pytest -q tests/test_notebooks.py
 
 lab: env
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 lock: env
 	{ echo "# the tested set of packages (pip freeze of .venv, torch excluded: the Makefile's TORCH pins it)"; \
