@@ -20,6 +20,12 @@ every tensor of a Llama-style decoder (:meth:`Arch.tensors`) gets a format from 
 included); then the KV cache, an activation estimate and the training state are added. It returns bytes;
 :func:`memory_table` prints binary GiB (2**30 bytes), the unit GPU memory is sold in:
 
+Around it: :func:`gguf_mix_recipe` turns a llama.cpp mix (Q4_K_M ...) into a per-tensor recipe; :data:`GPU_MEMORY`
+and :func:`fits_table` say which card holds a breakdown; :func:`seed_figures` recomputes every memory figure the
+source articles print (theirs, ours, the ratio; the claims ledger, :mod:`qlab.study.ledger`, gives the verdicts);
+:func:`decision_table` sets measured quality (KL on the embedded model) against bytes and the roofline's decode
+bound (:mod:`qlab.study.roofline`).
+
 >>> b = deployment_bytes(LLAMA2["7B"], weights="fp16", kv="fp16", context=4096)
 >>> weights = b["weight_codes"] + b["embeddings"] + b["norms"]     # 6,738,415,616 params x 2 B
 >>> round(weights / 2**30, 2), b["kv_cache"] / 2**30                # and 2 GiB of KV cache
@@ -143,8 +149,15 @@ LLAMA3 = {
 # The embedded model (HuggingFaceTB/SmolLM2-135M's config): 134,515,008 parameters, tied embeddings.
 SMOLLM2_135M = Arch(134_515_008, n_layers=30, n_kv_heads=3, head_dim=64, hidden_size=576, n_heads=9,
                     intermediate_size=1536, vocab_size=49152, tied_embeddings=True)
+# LLaMA 1 (Touvron et al. 2023a, Table 2): multi-head attention, 2k context; 65B is what QLoRA fine-tunes.
+LLAMA1 = {
+    "33B": Arch(32.5e9, n_layers=60, n_kv_heads=52, head_dim=128, hidden_size=6656, n_heads=52,
+                intermediate_size=17920, vocab_size=32000),
+    "65B": Arch(65.2e9, n_layers=80, n_kv_heads=64, head_dim=128, hidden_size=8192, n_heads=64,
+                intermediate_size=22016, vocab_size=32000),
+}
 PRESETS = ({f"Llama-2-{k}": v for k, v in LLAMA2.items()} | {f"Llama-3-{k}": v for k, v in LLAMA3.items()}
-           | {"SmolLM2-135M": SMOLLM2_135M})
+           | {f"LLaMA-1-{k}": v for k, v in LLAMA1.items()} | {"SmolLM2-135M": SMOLLM2_135M})
 
 
 def weight_bytes(n_params: float, fmt: str | float = "fp16") -> float:
@@ -299,10 +312,15 @@ class KVFormat:
     group_size: int = 32
     residual: int = 0
     stat_bytes: int = 4  # width of each scale / minimum (qlab's caches keep them fp32)
+    outlier_ratio: float = 0.0  # 'gear': the fraction s of entries kept exact (fp16 value + int16/int32 position)
+    rank: int = 0  # 'gear': the rank r of the error's low-rank factors A [n, r] and B [r, D] (fp16)
 
     def __post_init__(self):
-        if self.scales not in ("none", "tensor", "token", "kivi"):
-            raise ValueError(f"scales must be 'none', 'tensor', 'token' or 'kivi', got {self.scales!r}")
+        if self.scales not in ("none", "tensor", "token", "kivi", "gear"):
+            raise ValueError(f"scales must be 'none', 'tensor', 'token', 'kivi' or 'gear', got {self.scales!r}")
+        if not 0 <= self.outlier_ratio < 1 or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"outlier_ratio must be in [0, 1) and rank an int >= 0, got {self.outlier_ratio!r}, "
+                             f"{self.rank!r}")
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
             raise ValueError(f"bits must be an integer in 1..32, got {self.bits!r}")
 
@@ -323,6 +341,8 @@ class KVFormat:
         if self.scales == "token":
             return 2 * heads * T * (packed_nbytes(D, self.bits) + self.stat_bytes)
         G, R = self.group_size, self.residual
+        if self.scales == "gear":
+            return heads * self._gear_bytes(T, D, float_bytes)
         t_keys = max(T - R, 0) // G * G  # keys quantized in whole groups of G tokens
         t_values = max(T - R, 0)
         keys = (packed_nbytes(t_keys * D, self.bits) + t_keys // G * D * 2 * self.stat_bytes
@@ -331,6 +351,23 @@ class KVFormat:
                   + (T - t_values) * D * float_bytes)
         return heads * (keys + values)
 
+    def _gear_bytes(self, T: int, D: int, float_bytes: int) -> int:
+        """One head's keys and values under GEAR, written by a single prefill of T tokens: one block of the n
+        tokens that leave the float window (whole groups of G), each side holding KIVI's codes and stats,
+        k = floor(s n D) outliers (fp16 value + position) and the rank-r factors (n + D) r in fp16."""
+        G, R = self.group_size, self.residual
+        n = max(T - R, 0) // G * G
+        rest = (T - n) * D * float_bytes
+        if n == 0:
+            return 2 * rest
+        k = int(self.outlier_ratio * n * D)
+        position = 2 if n * D <= 2**15 else 4  # int16 positions when they fit, as qlab.methods.kv.gear stores them
+        extra = k * (2 + position) + (n + D) * self.rank * 2
+        codes = packed_nbytes(n * D, self.bits)
+        keys = codes + n // G * D * 2 * self.stat_bytes  # a scale and a minimum per channel and group of G tokens
+        values = codes + n * math.ceil(D / G) * 2 * self.stat_bytes  # ... per token and group of G channels
+        return keys + values + 2 * (extra + rest)
+
 
 # KIVI's settings in the paper's main experiments: groups of 32, the newest 128 tokens in full precision.
 KV_FORMATS = {
@@ -338,6 +375,9 @@ KV_FORMATS = {
     "fp8": KVFormat(8, "tensor"), "fp8-token": KVFormat(8, "token"),
     "kivi2": KVFormat(2, "kivi", group_size=32, residual=128),
     "kivi4": KVFormat(4, "kivi", group_size=32, residual=128),
+    # GEAR (Kang et al. 2024) as qlab.methods.kv.cache.GEAR defaults: KIVI's Q, 2% outliers, rank 2, 32 float tokens
+    "gear2": KVFormat(2, "gear", group_size=32, residual=32, outlier_ratio=0.02, rank=2),
+    "gear4": KVFormat(4, "gear", group_size=32, residual=32, outlier_ratio=0.02, rank=2),
 }
 
 
@@ -557,3 +597,317 @@ def memory_table(models=TABLE_MODELS, formats: dict | None = None, contexts=(409
     table = pd.DataFrame(rows).T
     table.index.names = ["model", "format"]
     return table
+
+
+# ---------------------------------------------------------------- GPUs, GGUF mixes
+
+# More devices for the calculator's verdict, in GiB as sold (an "80 GB" card holds 80 GiB). Apple's unified memory
+# is shared with the system: macOS lets the GPU wire about 75% of it by default (raise with iogpu.wired_limit_mb).
+GPU_MEMORY = {
+    "RTX 3080 (10 GiB)": 10, "T4 / V100 (16 GiB)": 16, "RTX 3090 / 4090 (24 GiB)": 24, "A100-40G (40 GiB)": 40,
+    "L40S (48 GiB)": 48, "A100 / H100 (80 GiB)": 80, "M3 Max, 75% of 128 GiB": 96, "2 x A100-80G (160 GiB)": 160,
+}
+
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(name: str) -> str:
+    """transformers' Llama name -> llama.cpp's GGUF tensor name (``model.layers.3.self_attn.v_proj`` ->
+    ``blk.3.attn_v.weight``); 1-D norms are not mapped (a mix never quantizes them)."""
+    if name == "model.embed_tokens":
+        return "token_embd.weight"
+    if name == "lm_head":
+        return "output.weight"
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_NAMES:
+        return f"blk.{parts[2]}.{_GGUF_NAMES[parts[3]]}.weight"
+    raise ValueError(f"{name!r} is not a Llama linear or embedding")
+
+
+def gguf_mix_recipe(arch, mix: str) -> dict:
+    """A llama.cpp mix ('Q4_K_M', ...) as a recipe ``{tensor name: GGUF type}`` for :func:`deployment_bytes`,
+    chosen by :func:`qlab.gguf.mixes.choose_types` (its rules, its layer counters, its row-length fallback).
+
+    >>> r = gguf_mix_recipe("Llama-2-7B", "Q4_K_M")
+    >>> r["model.layers.0.self_attn.v_proj"], r["model.layers.4.self_attn.v_proj"], r["lm_head"]
+    ('Q6_K', 'Q4_K', 'Q6_K')
+    """
+    from qlab.gguf.mixes import choose_types
+
+    arch = as_arch(arch)
+    matrices = {n: s for n, s in arch.tensors().items() if len(s) == 2}
+    if arch.tied_embeddings:
+        del matrices["lm_head"]
+    names = {gguf_name(n): n for n in matrices}
+    choices = choose_types(mix, [(g, matrices[n]) for g, n in names.items()], n_gqa=arch.n_heads // arch.n_kv_heads)
+    recipe = {names[c["name"]]: ("fp16" if c["qtype"] == "F16" else c["qtype"]) for c in choices}
+    if arch.tied_embeddings:
+        recipe["lm_head"] = recipe["model.embed_tokens"]
+    return recipe
+
+
+def weights_gb(arch, weights=None, embeddings=None, unit: float = GB, dtype: str = "fp16") -> float:
+    """Weights + scales + zero points of ``arch`` (no KV cache, no activations), in ``unit`` (default GB, 1e9)."""
+    b = deployment_bytes(arch, weights, context=0, activations="none", embeddings=embeddings, dtype=dtype)
+    return b["total"] / unit
+
+
+# ---------------------------------------------------------------- the articles' memory figures, recomputed
+
+def _overhead_pct(spec: str, arch: str = "Llama-2-7B") -> float:
+    """Scales + zero points as a percentage of the codes, over the decoder blocks' linears."""
+    b = deployment_bytes(arch, spec, context=0, activations="none")
+    return 100 * (b["scales"] + b["zero_points"]) / b["weight_codes"]
+
+
+def _int4_8k_total(arch: str) -> float:
+    """GiB of int4-g128 weights + an fp16 KV cache of 8192 tokens + one layer's prefill activations (fused)."""
+    return deployment_bytes(arch, "int4-g128-asym-minmax", context=8192)["total"] / GiB
+
+
+def _qlora_weights(arch: str = "LLaMA-1-65B") -> float:
+    """GB of QLoRA's frozen base: every block linear NF4 with double-quantized scales, embeddings and head bf16."""
+    return weights_gb(arch, "nf4-b64-dq")
+
+
+# One entry per memory figure the articles print: (article, what, the article's number, unit, ours). "ours" is
+# computed from the real shapes (Arch presets) in the article's unit; GB means 1e9 bytes, GiB 2**30.
+SEED_FIGURES = {
+    "s000-70b-fp16": ("000", "70B weights, fp16 (Llama-2-70B)", 140, "GB", lambda: weights_gb("Llama-2-70B")),
+    "s000-g128-scales-7b": ("000", "scales of a 7B at int4, groups of 128 (fp16 scales)", 40, "MB",
+                            lambda: deployment_bytes("Llama-2-7B", "int4-g128-sym-absmax", context=0,
+                                                     activations="none")["scales"] / 1e6),
+    "s000-g128-overhead": ("000", "per-group (128) overhead, % of the 4-bit codes (fp16 scale)", 0.5, "%",
+                           lambda: _overhead_pct("int4-g128-sym-absmax")),
+    "s000-channel-overhead": ("000", "per-channel overhead, % of the 4-bit codes (fp16 scale)", 0.01, "%",
+                              lambda: _overhead_pct("int4-channel-sym-absmax")),
+    "s000-70b-gptq-35gb": ("000", "Llama-2-70B at int4 g128 (GPTQ's format), weights", 35, "GB",
+                           lambda: weights_gb("Llama-2-70B", "int4-g128-asym-minmax")),
+    "s000-kv-70b-128k": ("000", "KV cache of a 70B at 128K tokens, fp16, batch 1", 80, "GB",
+                         lambda: kv_cache_bytes(LLAMA2["70B"], 131072) / GB),
+    "s001-llama3-70b-fp16": ("001", "Llama-3-70B weights, fp16", 140, "GB", lambda: weights_gb("Llama-3-70B")),
+    "s001-kv-llama3-128k": ("001", "Llama-3-70B KV cache at 128K tokens, fp16, batch 1", 160, "GB",
+                            lambda: kv_cache_bytes(LLAMA3["70B"], 131072) / GB),
+    "s001-quip-70b-18gb": ("001", "Llama-2-70B at 2 bits per weight (linears; embeddings and head fp16)", 18, "GB",
+                           lambda: weights_gb("Llama-2-70B", 2.0)),
+    "s002-qlora-65b-48gb": ("002", "QLoRA's 65B base in NF4 (double-quantized scales)", 48, "GB", _qlora_weights),
+    "s002-qlora-65b-780gb": ("002", "full fine-tuning of a 65B, AdamW mixed precision (16 B/param)", 780, "GB",
+                             lambda: deployment_bytes("LLaMA-1-65B", mode="training", dtype="bf16",
+                                                      activations="none")["total"] / GB),
+    "s003-llama3-8b-fp32": ("003", "Llama-3-8B weights, fp32", 32, "GB",
+                            lambda: weights_gb("Llama-3-8B", dtype="fp32")),
+    "s003-llama3-8b-fp16": ("003", "Llama-3-8B weights, fp16 (its loading step)", 14, "GB",
+                            lambda: weights_gb("Llama-3-8B")),
+    "s003-llama3-8b-gptq": ("003", "Llama-3-8B saved as GPTQ int4 g128 (embeddings and head fp16)", 4.5, "GB",
+                            lambda: weights_gb("Llama-3-8B", "int4-g128-asym-minmax")),
+    "s003-kv-llama3-8b-8k": ("003", "Llama-3-8B KV cache at 8192 tokens, fp16", 8, "GB",
+                             lambda: kv_cache_bytes(LLAMA3["8B"], 8192) / GB),
+    "s003-7b-int4-8k-mha": ("003", "a 7B at int4 with 8K context, total (Llama-2-7B: 32 KV heads)", 12, "GiB",
+                            lambda: _int4_8k_total("Llama-2-7B")),
+    "s003-7b-int4-8k-gqa": ("003", "the same with grouped-query attention (Llama-3-8B: 8 KV heads)", 12, "GiB",
+                            lambda: _int4_8k_total("Llama-3-8B")),
+    "s003-7b-training": ("003", "training a 7B with Adam, 16 B/param (Llama-2-7B)", 112, "GB",
+                         lambda: 16 * LLAMA2["7B"].count_params() / GB),
+    "s003-g128-overhead": ("003", "per-group (128) overhead, % of the 4-bit codes (fp16 scale + 4-bit zero)", 4,
+                           "%", lambda: _overhead_pct("int4-g128-asym-minmax")),
+    "s003-g32-overhead": ("003", "per-group (32) overhead, % of the 4-bit codes (fp16 scale)", 12, "%",
+                          lambda: _overhead_pct("int4-g32-sym-absmax")),
+    "s004-70b-fp32": ("004", "70B weights, fp32 (Llama-2-70B)", 280, "GB",
+                      lambda: weights_gb("Llama-2-70B", dtype="fp32")),
+    "s004-q4km-bpw": ("004", "Q4_K_M's average bits per weight (Llama-2-7B, all of its tensors)", 4.5, "bits",
+                      lambda: 8 * weights_gb("Llama-2-7B", gguf_mix_recipe("Llama-2-7B", "Q4_K_M"), unit=1)
+                      / LLAMA2["7B"].count_params()),
+}
+
+
+def seed_figures() -> pd.DataFrame:
+    """Every memory figure of :data:`SEED_FIGURES`: the article's number, ours from the real shapes, ours / theirs."""
+    rows = []
+    for key, (seed, what, theirs, unit, ours) in SEED_FIGURES.items():
+        value = ours()
+        rows.append(dict(id=key, seed=seed, what=what, unit=unit, article=theirs, ours=value, ratio=value / theirs))
+    return pd.DataFrame(rows).set_index("id")
+
+
+# ---------------------------------------------------------------- a decision table from measured results
+
+# Measured on the embedded model (README "Calibrated PTQ on the embedded model", notebook 08 full mode and
+# ``python -m qlab.benchmarks.two_bit``; the peers table for NF4): 16 evaluation windows of 512 tokens, float
+# perplexity 28.92. ``weights`` is the decoder blocks' format as the calculator takes it (QuIP#'s E8P: 2.003 bits).
+# RTN int2's KL and top-1 come from the same benchmark's table (the README prints its perplexity only).
+FLOAT_PPL = 28.92
+MEASURED_PTQ = pd.DataFrame([
+    ("W8A8 SmoothQuant (a=0.5)", "smoothquant", "int8-channel-sym-absmax", 29.48, 0.019, 0.921),
+    ("W8A8 naive", "w8a8", "int8-channel-sym-absmax", 29.88, 0.033, 0.891),
+    ("AWQ int4 g128", "awq", "int4-g128-asym-minmax", 36.17, 0.218, 0.750),
+    ("NF4 b64 (bitsandbytes)", "rtn", "nf4-b64-sfp32", 36.62, 0.285, 0.711),
+    ("GPTQ int4 g128", "gptq", "int4-g128-asym-minmax", 38.71, 0.326, 0.709),
+    ("RTN int4 g128", "rtn", "int4-g128-asym-minmax", 38.45, 0.394, 0.676),
+    ("GPTQ int3 g128", "gptq", "int3-g128-asym-minmax", 94.7, 1.17, 0.483),
+    ("AWQ int3 g128", "awq", "int3-g128-asym-minmax", 98.6, 1.19, 0.474),
+    ("RTN int3 g128", "rtn", "int3-g128-asym-minmax", 151.9, 1.72, 0.346),
+    ("QuIP# E8P 2-bit", "quip", 2.0029387297453702, 87.88, 1.158, 0.498),
+    ("RTN int2 g128", "rtn", "int2-g128-asym-minmax", 3464612.0, 11.71, 0.0049),
+], columns=["label", "method", "weights", "ppl", "kl", "top1"])
+
+
+def measured_from_sweep(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`qlab.eval.sweep.run_sweep` table (or its CSV) as :func:`decision_table` input: label, ppl, KL
+    (``kl_mean``), top-1, and as the weight format the measured ``quantized_bpw`` (codes + scales + zero points
+    per quantized weight), which the calculator then applies to the big model's block linears."""
+    missing = {"label", "ppl", "kl_mean", "top1", "quantized_bpw"} - set(table.columns)
+    if missing:
+        raise ValueError(f"not a sweep table: columns {sorted(missing)} are missing (run qlab.eval.sweep.run_sweep)")
+    return pd.DataFrame({"label": table["label"], "method": table.get("method", "?"),
+                         "weights": table["quantized_bpw"].astype(float), "ppl": table["ppl"], "kl": table["kl_mean"],
+                         "top1": table["top1"]})
+
+
+def decode_tokens_per_s(arch, weights=None, device: str = "RTX-4090", context: int = 4096, kv="fp16") -> float:
+    """The roofline's bound on batch-1 decoding: every step reads all weights and the KV cache once, so
+    tokens/s <= bandwidth / (weight bytes + KV bytes) (:mod:`qlab.study.roofline`; compute is far below the
+    ridge at batch 1). A bound, not a measurement: real kernels reach 50-90% of it."""
+    from qlab.study.roofline import DEVICES
+
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+    b = deployment_bytes(arch, weights, kv=kv, context=context, activations="none")
+    return DEVICES[device].bandwidth_gbs * 1e9 / b["total"]
+
+
+def decision_table(measured: pd.DataFrame | None = None, model: str = "SmolLM2-135M", big: str = "Llama-2-7B",
+                   device: str = "RTX-4090") -> pd.DataFrame:
+    """Quality against bytes against speed, one row per measured configuration: its KL, perplexity and top-1 on
+    the embedded model (``measured``: label, weights, ppl, kl, top1; default :data:`MEASURED_PTQ`), the bits per
+    weight and MB of ``model`` stored that way, the GiB of ``big``, and the roofline bound on ``big``'s batch-1
+    decoding on ``device`` (4k context, fp16 KV), with its speed-up over fp16. Sorted by KL."""
+    measured = MEASURED_PTQ if measured is None else measured
+    small = as_arch(model)
+    fp16_speed = decode_tokens_per_s(big, None, device)
+    rows = []
+    for r in measured.itertuples():
+        b = deployment_bytes(small, r.weights, context=0, activations="none")
+        speed = decode_tokens_per_s(big, r.weights, device)
+        rows.append(dict(label=r.label, kl=r.kl, ppl=r.ppl, top1=r.top1,
+                         bits_per_param=8 * b["total"] / small.count_params(), model_mb=b["total"] / 1e6,
+                         big_gib=weights_gb(big, r.weights, unit=GiB), tokens_per_s=speed, speedup=speed / fp16_speed))
+    return pd.DataFrame(rows).set_index("label").sort_values("kl")
+
+
+# ---------------------------------------------------------------- the calculator's figures
+
+# The weight formats the notebook's menu offers: label -> what deployment_bytes takes ('mix:<name>' is a llama.cpp
+# mix resolved per tensor by gguf_mix_recipe).
+WEIGHT_CHOICES = {"fp16": None, "int8, per channel": "int8-channel-sym-absmax",
+                  "int4 g128 (GPTQ / AWQ)": "int4-g128-asym-minmax", "NF4 b64 (bitsandbytes)": "nf4-b64-sfp32",
+                  "NF4 + double quant (QLoRA)": "nf4-b64-dq", "GGUF Q8_0": "Q8_0", "GGUF Q4_K_M mix": "mix:Q4_K_M",
+                  "2-bit (QuIP# E8P)": 2.0}
+PARTS = {"weights": ("weight_codes", "embeddings", "norms"), "scales + zero points": ("scales", "zero_points"),
+         "KV cache": ("kv_cache",), "activations": ("activations",), "gradients": ("gradients",),
+         "fp32 master weights": ("master_weights",), "optimizer state": ("optimizer",)}
+PART_COLORS = dict(zip(PARTS, ("#4c72b0", "#8fb0de", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")))
+
+
+def calculate(model="Llama-2-7B", weights=None, kv="fp16", context: int = 4096, batch: int = 1,
+              mode: str = "inference", optimizer: str = "adamw", prefill_chunk: int | None = 2048) -> dict:
+    """:func:`deployment_bytes` with the notebook's choices: ``weights`` may also be ``'mix:Q4_K_M'`` (any
+    llama.cpp mix), resolved per tensor for this model. In inference, activations are one layer's for a prefill
+    chunk of ``prefill_chunk`` tokens (serving engines split long prompts: vLLM's chunked prefill, llama.cpp's
+    n_batch); ``None`` prefills all ``context x batch`` tokens at once (the upper end)."""
+    arch = as_arch(model)
+    if isinstance(weights, str) and weights.startswith("mix:"):
+        weights = gguf_mix_recipe(arch, weights.removeprefix("mix:"))
+    activations = "estimate"
+    if mode == "inference" and prefill_chunk is not None:
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk!r}")
+        activations = activation_bytes(arch, min(prefill_chunk, context * batch), 1, "flash")
+    return deployment_bytes(arch, weights, kv=kv, context=context, batch=batch, mode=mode, optimizer=optimizer,
+                            dtype="bf16" if mode == "training" else "fp16", activations=activations)
+
+
+def plot_breakdown(breakdown: dict, gpu_gib: float, title: str = "", ax=None):
+    """One stacked horizontal bar of a :func:`deployment_bytes` breakdown in GiB, against a GPU's memory (dashed);
+    the title says whether it fits."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.0))
+    left = 0.0
+    for part, keys in PARTS.items():
+        gib = sum(breakdown[k] for k in keys) / GiB
+        if gib <= 0:
+            continue
+        ax.barh([0], [gib], left=left, color=PART_COLORS[part], label=f"{part}: {gib:,.2f} GiB", edgecolor="white")
+        left += gib
+    ax.axvline(gpu_gib, color="black", ls="--", lw=1.5)
+    ax.text(gpu_gib, 0.47, f" GPU {gpu_gib:g} GiB", va="bottom", ha="left", fontsize=9)
+    ok = fits(breakdown, gpu_gib)
+    verdict = "fits" if ok else "does NOT fit"
+    ax.set_title(f"{title}\ntotal {breakdown['total'] / GiB:,.2f} GiB: {verdict} in {gpu_gib:g} GiB",
+                 color="black" if ok else "#b2182b", fontsize=10)
+    ax.set_xlim(0, max(left, gpu_gib) * 1.12)
+    ax.set_ylim(-0.6, 0.9)
+    ax.set_yticks([])
+    ax.set_xlabel("GiB (2^30 bytes)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.4), ncols=3, frameon=False, fontsize=8.5)
+    ax.spines[["top", "right", "left"]].set_visible(False)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_seed_figures(figures: pd.DataFrame | None = None, ax=None):
+    """Each article memory figure as ours / article's on a log axis; the band is +-25%."""
+    import matplotlib.pyplot as plt
+
+    figures = seed_figures() if figures is None else figures
+    figures = figures.iloc[::-1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.32 * len(figures) + 1.4))
+    inside = (figures.ratio > 0.8) & (figures.ratio < 1.25)
+    colors = ["#1b9e77" if ok else "#d95f02" for ok in inside]
+    labels = [f"{i}  ({r.article:g} {r.unit})" for i, r in figures.iterrows()]
+    ax.barh(labels, figures.ratio - 1, left=1, color=colors)
+    ax.set_xscale("log")
+    ax.axvspan(0.8, 1.25, color="#dddddd", zorder=0)
+    ax.axvline(1, color="black", lw=1)
+    for y, r in enumerate(figures.ratio):
+        ax.text(r * (1.06 if r >= 1 else 1 / 1.06), y, f"{r:.2f}", va="center", ha="left" if r >= 1 else "right",
+                fontsize=8)
+    ax.set_xlim(0.08, 15)
+    ax.set_xlabel("our number / the article's (log scale; grey band: within 25%)")
+    ax.set_title("The articles' memory figures, recomputed from the real shapes")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_decision(table: pd.DataFrame | None = None, big: str = "Llama-2-7B", device: str = "RTX-4090"):
+    """Two panels from :func:`decision_table`: KL against the big model's GiB, and KL against the roofline's decode
+    speed-up over fp16; one marker per configuration, labels placed apart (adjustText)."""
+    import matplotlib.pyplot as plt
+    from adjustText import adjust_text
+
+    table = decision_table(big=big, device=device) if table is None else table
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    families = {"W8A8": ("#4c72b0", "o", 55), "AWQ": ("#55a868", "^", 45), "GPTQ": ("#c44e52", "s", 70),
+                "RTN": ("#8c8c8c", "o", 55), "NF4": ("#8172b3", "D", 45), "QuIP#": ("#dd8452", "P", 70)}
+    for ax, x, xlabel in ((axes[0], "big_gib", f"{big} weights, GiB"),
+                          (axes[1], "speedup", f"decode bound on {device}, x fp16 (batch 1, 4k context)")):
+        texts = []
+        for label, r in table.iterrows():
+            color, marker, size = next(v for f, v in families.items() if label.startswith(f))
+            ax.scatter(r[x], r.kl, color=color, marker=marker, s=size, zorder=4 if size < 55 else 3,
+                       edgecolor="black", linewidth=0.5, alpha=0.9)
+            texts.append(ax.text(r[x], r.kl, label, fontsize=8))
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        adjust_text(texts, ax=ax, time_lim=1.0, arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
+    axes[0].set_ylabel("KL to the float model (embedded model, nats/token)")
+    fig.suptitle("Quality against memory and speed: measured KL, computed bytes, roofline bounds (not timings)")
+    fig.tight_layout()
+    return fig
