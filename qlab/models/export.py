@@ -15,6 +15,16 @@ with the ``compressed-tensors`` package installed:
                          other tensor (norms, embeddings, float Linears, biases) as it is in the model;
 * the tokenizer files, when one is given.
 
+W8A8 Linears (the 'w8a8' and 'smoothquant' methods, :class:`~qlab.models.modules.W8A8Linear`) go to an
+"int-quantized" config group: ``weight`` holds the int8 codes (int8 tensor) and ``weight_scale`` one float32
+scale per output channel; ``input_activations`` says int8 symmetric, dynamic per token ('token') or per tensor
+('tensor'), or static per tensor with the calibrated scale stored as ``input_scale`` ('static'). SmoothQuant's
+s is already folded into the norms before the smoothed Linears, so the folder carries the folded norm weights.
+compressed-tensors re-quantizes the activations at run time with its own rule: the same codes for the same
+scale, but a dynamic scale of max|x| / 127.5 where qlab takes max|x| / 127 (and -128 reachable where qlab's
+grid stops at -127); tests/models/test_export_w8a8.py measures what that changes. LLM.int8() (float outlier
+columns chosen at run time) and FP8 activations (qlab has none) have no export.
+
 compressed-tensors de-quantizes a weight as  W = (q - z) * scale  (compressed_tensors/quantization/lifecycle/
 forward_helpers.py, _dequantize) with signed codes q, z in [-2^(b-1), 2^(b-1) - 1] (FP8: q the e4m3 value, no
 z), computed in the scale's dtype. qlab's codes map onto that grid exactly:
@@ -59,16 +69,18 @@ from qlab.core.granularity import PerChannel, PerGroup, PerTensor
 from qlab.core.packing import pack
 from qlab.core.spec import INT_FORMATS
 from qlab.core.tensor import QuantizedTensor
-from qlab.models.modules import QuantLinear
+from qlab.models.modules import QuantLinear, W8A8Linear
 
 FORMATS = ("compressed-tensors", "gguf")
 # compressed-tensors' format per weight type: int codes packed into int32 (what llm-compressor writes for
 # int weight-only schemes and vLLM's WNA16 kernels read), FP8 codes stored as float8_e4m3fn tensors
 CT_FORMATS = {"int": "pack-quantized", "float": "naive-quantized"}
+CT_W8A8_FORMAT = "int-quantized"  # int8 codes as an int8 tensor, activations quantized at run time
 SUPPORTED = ("weight-only int2..int8, symmetric (absmax / mse) or asymmetric with an integer zero point "
              "(minmax / mse), and fp8_e4m3; per channel, per tensor, or in groups that divide the row (e.g. "
              "'int4-g32-asym-minmax', 'int4-g64-sym-absmax', 'int8-channel-sym-absmax', 'fp8_e4m3-channel'); "
-             "scales in fp16/bf16/fp32, no double quantization")
+             "scales in fp16/bf16/fp32, no double quantization; and W8A8 ('w8a8' / 'smoothquant' methods: int8 "
+             "per-channel weights, int8 activations per token, per tensor or static per tensor)")
 
 
 def export(model, report_or_qtensors=None, folder=None, tokenizer=None, format: str = "compressed-tensors",
@@ -152,13 +164,29 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words[:, : math.ceil(cols * bits / 32)].contiguous()
 
 
-def ct_tensors(qt: QuantizedTensor) -> dict:
+def ct_input_args(module: nn.Module) -> dict | None:
+    """The ``input_activations`` entry of a config group: None for a weight-only Linear; for a
+    :class:`~qlab.models.modules.W8A8Linear` int8 symmetric activations, dynamic per token ('token') or per
+    tensor ('tensor'), or per tensor with the calibrated scale stored as ``input_scale`` ('static')."""
+    if not isinstance(module, W8A8Linear):
+        return None
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token" if module.act == "token" else "tensor",
+            "dynamic": module.act != "static", "group_size": None, "actorder": None, "block_structure": None}
+
+
+def ct_tensors(qt: QuantizedTensor, module: nn.Module | None = None) -> dict:
     """The tensors of one quantized weight, named and laid out as compressed-tensors' compressors store
-    them: ``{weight_packed, weight_scale, weight_shape[, weight_zero_point]}`` (pack-quantized, int) or
-    ``{weight, weight_scale}`` (naive-quantized, FP8 codes as float8_e4m3fn)."""
+    them: ``{weight_packed, weight_scale, weight_shape[, weight_zero_point]}`` (pack-quantized, int),
+    ``{weight, weight_scale}`` (naive-quantized, FP8 codes as float8_e4m3fn), or for a W8A8 ``module``
+    ``{weight, weight_scale[, input_scale]}`` (int-quantized: int8 codes, the static activation scale)."""
     args = ct_weights_args(qt)
     scale_shape = {"channel": (qt.shape[0], 1), "tensor": (1,)}.get(args["strategy"], tuple(qt.scale.shape))
     scale = qt.scales().reshape(scale_shape).contiguous()  # float32 holding the stored scales
+    if ct_input_args(module) is not None:
+        out = {"weight": qt.values().to(torch.int8), "weight_scale": scale}
+        if module.act == "static":  # the float32 scale W8A8Linear quantizes with
+            out["input_scale"] = torch.tensor([module.static_scale], dtype=torch.float32)
+        return out
     if args["type"] == "float":
         return {"weight": qt.values().to(torch.float8_e4m3fn), "weight_scale": scale}  # the grid values, exactly
     bits, half = args["num_bits"], 2 ** (args["num_bits"] - 1)
@@ -181,16 +209,16 @@ def _qtensors(report_or_qtensors) -> dict:
 
 
 def quantization_config(model: nn.Module, qtensors: dict) -> dict:
-    """The ``quantization_config`` entry of config.json: one config group per distinct spec (its ``targets``
-    the qualified Linear names), ``ignore`` every other Linear of the model."""
+    """The ``quantization_config`` entry of config.json: one config group per distinct spec and activation
+    scheme (its ``targets`` the qualified Linear names), ``ignore`` every other Linear of the model."""
     groups, by_spec = {}, {}
     for name, qt in qtensors.items():
-        args = ct_weights_args(qt)
-        key = str(qt.spec)
+        args, act = ct_weights_args(qt), ct_input_args(model.get_submodule(name))
+        key = (str(qt.spec), json.dumps(act, sort_keys=True))
         if key not in by_spec:
             by_spec[key] = f"group_{len(by_spec)}"
-            groups[by_spec[key]] = {"targets": [], "weights": args, "input_activations": None,
-                                    "output_activations": None, "format": CT_FORMATS[args["type"]]}
+            groups[by_spec[key]] = {"targets": [], "weights": args, "input_activations": act, "output_activations": None,
+                                    "format": CT_FORMATS[args["type"]] if act is None else CT_W8A8_FORMAT}
         groups[by_spec[key]]["targets"].append(name)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or hasattr(m, "out_features")]
     formats = {g["format"] for g in groups.values()}
@@ -207,9 +235,11 @@ def _check_modules(model: nn.Module, qtensors: dict):
         if isinstance(module, nn.Embedding) or hasattr(module, "num_embeddings"):
             raise ValueError(f"{name} is a quantized embedding; compressed-tensors export covers Linear layers: "
                              f"keep embeddings float in the recipe")
-        if not isinstance(module, (nn.Linear, QuantLinear)):
-            raise ValueError(f"{name} is a {type(module).__name__} (activation quantization); the export covers "
-                             f"weight-only Linears so far; supported: {SUPPORTED}")
+        if not isinstance(module, (nn.Linear, QuantLinear, W8A8Linear)):
+            raise ValueError(f"{name} is a {type(module).__name__}, which has no compressed-tensors scheme (LLM.int8()'s "
+                             f"float outlier columns are decided at run time); supported: {SUPPORTED}")
+        if isinstance(module, W8A8Linear) and str(module.qweight.spec.granularity) != "channel":
+            raise ValueError(f"{name}: W8A8 export needs int8 weights per output channel, got {module.qweight.spec}")
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in qtensors:
         raise ValueError("lm_head is quantized but tied to the float input embedding (tie_word_embeddings); "
                          "keep lm_head float, or untie it in the model's config before quantizing")
@@ -234,7 +264,7 @@ def export_compressed_tensors(model: nn.Module, report_or_qtensors, folder, toke
         tensors[key] = t.detach().clone() if same in seen else t.detach().contiguous()  # safetensors shares nothing
         seen.add(same)
     for name, qt in qtensors.items():
-        tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt).items()})
+        tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt, model.get_submodule(name)).items()})
 
     os.makedirs(folder, exist_ok=True)
     config = model.config.to_dict()
