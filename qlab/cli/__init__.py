@@ -3,6 +3,7 @@
     qlab quantize --recipe '{"model.layers.*": "gptq:int4-g128-asym-minmax"}' --calib 32 --out runs/q4
     qlab eval --recipe int4-g32-asym-minmax --n-windows 16 --out runs/eval.json
     qlab sweep configs.json --results results/mine --n-windows 16 --out runs/sweep.csv
+    qlab sweep configs.json --results results/mine --out runs/sweep.csv --backend ray --address auto --cpus-per-task 2
     qlab export --mix Q4_K_M --out runs/model-Q4_K_M.gguf
     qlab export --format compressed-tensors --recipe int4-g64-asym-minmax --out runs/smollm2-w4g64
 
@@ -99,7 +100,8 @@ def cmd_sweep(args):
     if not isinstance(configs, list):
         raise SystemExit(f"{args.configs} must hold a JSON list of configurations, got {type(configs).__name__}")
     protocol = EvalProtocol(seq_len=args.seq_len, n_windows=args.n_windows)
-    df = run_sweep(configs, protocol, args.results)
+    df = run_sweep(configs, protocol, args.results, backend=args.backend, address=args.address,
+                   cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, max_retries=args.max_retries)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.drop(columns=["window_nll"], errors="ignore").to_csv(out, index=False)
@@ -163,6 +165,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--n-windows", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--out", required=True, help="CSV of the table")
+    q.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: one configuration after the other in this process; ray: one Ray task each")
+    q.add_argument("--address", default=None,
+                   help="ray: a running cluster to join ('auto', 'ray://head:10001'); default: start a local one")
+    q.add_argument("--cpus-per-task", type=float, default=1, help="ray: CPUs each configuration's task reserves")
+    q.add_argument("--gpus-per-task", type=float, default=None,
+                   help="ray: GPUs each task reserves (default: 1 when the cluster has GPUs, else 0)")
+    q.add_argument("--max-retries", type=int, default=1, help="ray: retries of a task whose worker or node died")
     q.set_defaults(fn=cmd_sweep)
 
     q = sub.add_parser("export", help=cmd_export.__doc__)

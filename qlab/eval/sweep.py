@@ -34,6 +34,10 @@ fields, holds another configuration's row or was edited since it was written is 
 Files written before these checks existed (no hash, no checksum) are used when their key and description
 (model, method, recipe, mode, protocol) match the configuration, and gain the checks.
 
+``run_sweep(..., backend="ray")`` runs each configuration as a Ray task instead (``address=`` joins a running
+cluster, ``cpus_per_task`` / ``gpus_per_task`` reserve resources); each task writes its own row with the same
+atomic writer, so a worker killed mid-run loses only its configuration, which the next run computes.
+
 Columns of the table: label, model, method, recipe, mode, calib_windows, key, ppl, ppl_ref, delta_ppl_pct, kl_mean,
 kl_median, kl_p99, top1, quantized_bpw, linear_bpw, size_mb, quant_seconds, eval_seconds,
 s_per_window, aligned_q4_1 (True when a spec groups weights in 32s, i.e. exactly the embedded
@@ -394,6 +398,107 @@ def _move_aside(path: Path, why: str, index: int, config: dict) -> None:
                   f"{_label(config)}", ResultFileWarning, stacklevel=3)
 
 
+def _compute(config: dict, key: str, session: _Session, protocol: EvalProtocol, results_dir: Path) -> dict:
+    """Compute one configuration and write its checked row at once (the one writer: the in-process loop and
+    the Ray tasks both come here); return the row as the file holds it."""
+    row = run_one(config, session)
+    row["key"] = key
+    row = _with_checks(row, config, protocol)
+    _write_row(results_dir / f"{key}.json", row)
+    return json.loads(json.dumps(row))  # the table holds what the file holds
+
+
+# ---- the Ray backend: one task per configuration ----
+
+BACKENDS = ("local", "ray")
+
+
+class SweepTaskWarning(UserWarning):
+    """A configuration's Ray task failed (its worker died, its node was lost, or it raised): its row is
+    missing from the table and from the results folder, and the next run computes it."""
+
+
+# per Ray worker process: its session (model, reference log-probs, calibration windows), reused by the next
+# task of the same sweep that the worker runs
+_WORKER_SESSIONS: dict = {}
+
+
+def _ray_task(config: dict, key: str, protocol: EvalProtocol, results_dir: str, batch_size: int, load,
+              threads: int) -> dict:
+    """One configuration in a Ray worker. The task writes its own row, so a finished configuration survives
+    the driver being killed (results_dir on a filesystem every node shares); it also returns it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    Path(results_dir).mkdir(parents=True, exist_ok=True)  # a node that does not share the driver's folder
+    name = (getattr(load, "__module__", None), getattr(load, "__qualname__", repr(load)))
+    session_key = (name, protocol, batch_size)
+    if session_key not in _WORKER_SESSIONS:
+        _WORKER_SESSIONS.clear()  # one sweep's model in memory per worker
+        _WORKER_SESSIONS[session_key] = _Session(protocol, batch_size, load, progress=False)
+    return _compute(config, key, _WORKER_SESSIONS[session_key], protocol, Path(results_dir))
+
+
+def _check_backend(backend, address, cpus_per_task, gpus_per_task, max_retries) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "local":
+        if address is not None:
+            raise ValueError("address= joins a Ray cluster: pass backend='ray' with it")
+        return
+    if isinstance(cpus_per_task, bool) or not isinstance(cpus_per_task, (int, float)) or cpus_per_task <= 0:
+        raise ValueError(f"cpus_per_task must be a number > 0 (Ray's num_cpus per task), got {cpus_per_task!r}")
+    if gpus_per_task is not None and (not isinstance(gpus_per_task, (int, float)) or gpus_per_task < 0):
+        raise ValueError(f"gpus_per_task must be None (one per task when the cluster has GPUs) or a number >= 0, "
+                         f"got {gpus_per_task!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise ValueError("backend='ray' needs Ray: pip install -e '.[ray]' (make env installs it)") from e
+
+
+def _run_on_ray(todo, protocol, results_dir: Path, batch_size, load, progress, address, cpus_per_task,
+                gpus_per_task, max_retries) -> dict:
+    """Submit each configuration of ``todo`` [(index, key, config)] as a Ray task; return {key: row} of the
+    finished ones. A failed task is warned about (SweepTaskWarning) after every other task has finished."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started and address is None:  # a local cluster on this machine, for this sweep
+        ray.init(include_dashboard=False)
+    elif started:  # "auto" (this machine is a node of it) or "ray://head:10001" (Ray client)
+        ray.init(address=address)
+    try:
+        gpus = gpus_per_task if gpus_per_task is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
+        task = ray.remote(_ray_task).options(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=max_retries)
+        threads = max(1, int(cpus_per_task))
+        futures = {task.remote(config, key, protocol, str(results_dir), batch_size, load, threads): (i, key, config)
+                   for i, key, config in todo}
+        rows, failed, pending = {}, [], list(futures)
+        with tqdm(total=len(pending), desc="sweep (ray)", disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                i, key, config = futures[done[0]]
+                try:
+                    rows[key] = ray.get(done[0])
+                    # the task wrote the row already; the driver writes it too, for workers on other nodes
+                    # whose results_dir is not shared with the driver (the same bytes, atomically)
+                    _write_row(results_dir / f"{key}.json", rows[key])
+                except ray.exceptions.RayError as e:  # worker killed, node lost, or the task raised
+                    failed.append((i, config, e))
+                bar.update()
+    finally:
+        if started:
+            ray.shutdown()
+    for i, config, e in failed:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"configuration {i} {_label(config)} failed on Ray ({type(e).__name__}: {why}); its row is "
+                      f"missing: run the sweep again to compute it", SweepTaskWarning, stacklevel=3)
+    return rows
+
+
 def run_sweep(
     configs: list[dict],
     protocol: EvalProtocol = EvalProtocol(),
@@ -401,6 +506,12 @@ def run_sweep(
     batch_size: int = 1,
     progress: bool = True,
     load=_default_load,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_task: float = 1,
+    gpus_per_task: float | None = None,
+    max_retries: int = 1,
 ) -> pd.DataFrame:
     """Run every configuration not already on disk; return the table of all of them.
 
@@ -408,7 +519,18 @@ def run_sweep(
     results folder must be writable, and stored result files are checked (a damaged or foreign one is moved
     aside and recomputed, see the module docstring). ``load(name) -> (model, tokenizer)`` is injectable
     (tests use a tiny model).
+
+    ``backend="local"`` (default) computes in this process, one configuration after the other.
+    ``backend="ray"`` submits each configuration as a Ray task with ``cpus_per_task`` CPUs and ``gpus_per_task``
+    GPUs (None: one when the cluster has GPUs, else none); ``address=None`` starts a local Ray cluster (shut
+    down at the end), ``"auto"`` or ``"ray://head:10001"`` joins a running one, and a Ray session already
+    initialised in this process is used as it is. Each task writes its row itself, with the same atomic
+    writer; ``load`` must be picklable (a module-level function) and every node needs the same qlab and
+    access to the models. A task that fails (its worker killed, after ``max_retries`` retries of system
+    failures; or an error in the configuration) leaves its row missing, with a :class:`SweepTaskWarning`
+    once the other tasks have finished; the next run computes it.
     """
+    _check_backend(backend, address, cpus_per_task, gpus_per_task, max_retries)
     configs = list(configs)
     problems = {i: p for i, c in enumerate(configs) if (p := _config_problem(c))}
     keys = {i: config_key(c, protocol) for i, c in enumerate(configs) if i not in problems}
@@ -443,14 +565,17 @@ def run_sweep(
                          and (p := _pattern_problem(c, model))})
     _refuse(problems, configs)
 
-    for _, key, config in tqdm(todo, desc="sweep", disable=not progress):
-        row = run_one(config, session)
-        row["key"] = key
-        row = _with_checks(row, config, protocol)
-        _write_row(results_dir / f"{key}.json", row)
-        rows[key] = json.loads(json.dumps(row))  # the table holds what the file holds
+    if backend == "ray":
+        session.models.clear()  # the workers load their own copies
+        rows.update(_run_on_ray(todo, protocol, results_dir, batch_size, load, progress, address, cpus_per_task,
+                                gpus_per_task, max_retries))
+    else:
+        for _, key, config in tqdm(todo, desc="sweep", disable=not progress):
+            rows[key] = _compute(config, key, session, protocol, results_dir)
     table = []
     for key, config in zip(keys.values(), configs):
+        if key not in rows:  # its Ray task failed (warned about above)
+            continue
         row = {k: v for k, v in rows[key].items() if k not in CHECK_FIELDS}
         row["label"] = config.get("label", row["label"])
         table.append(row)

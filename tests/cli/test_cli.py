@@ -83,3 +83,32 @@ def test_export_compressed_tensors_folder(tmp_path):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "model.layers.0.mlp.up_proj.weight_packed" in f.keys()
+
+
+def test_sweep_backend_flags_reach_run_sweep(tmp_path, monkeypatch, capsys):
+    """--backend/--address/--cpus-per-task/--gpus-per-task/--max-retries go to run_sweep as they are; an
+    --address without --backend ray is refused with run_sweep's message."""
+    import pandas as pd
+
+    from qlab.eval import sweep
+
+    seen = {}
+
+    def fake_run_sweep(configs, protocol, results, **kw):
+        seen.update(kw, configs=configs, n_windows=protocol.n_windows)
+        sweep._check_backend(kw["backend"], kw["address"], kw["cpus_per_task"], kw["gpus_per_task"], kw["max_retries"])
+        return pd.DataFrame([{"label": "a", "quantized_bpw": 8.2, "ppl": 10.0, "kl_mean": 0.01, "top1": 0.9}])
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    configs = tmp_path / "configs.json"
+    configs.write_text(json.dumps([{"label": "a", "recipe": {"model.layers.*": "int8"}}]))
+    common = ["sweep", str(configs), "--results", str(tmp_path / "r"), "--out", str(tmp_path / "t.csv"), "--n-windows", "3"]
+    assert main(common + ["--backend", "ray", "--address", "ray://head:10001", "--cpus-per-task", "2",
+                          "--max-retries", "0"]) == 0
+    assert seen == {"backend": "ray", "address": "ray://head:10001", "cpus_per_task": 2.0, "gpus_per_task": None,
+                    "max_retries": 0, "configs": [{"label": "a", "recipe": {"model.layers.*": "int8"}}], "n_windows": 3}
+    assert main(common) == 0 and seen["backend"] == "local" and seen["address"] is None
+    assert main(common + ["--address", "auto"]) == 2
+    assert "address= joins a Ray cluster: pass backend='ray'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--backend", "dask"])
