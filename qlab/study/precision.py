@@ -64,22 +64,23 @@ def absmax_scale(grid, peak: float = 1.0) -> float:
 def format_properties(grid) -> dict:
     """One row of the format table: bits, eps, largest value, smallest normal and subnormal, digits.
 
-    Integer and table grids are given after absmax scaling to a largest level of 1 (int8: step 1/127);
-    their "eps" is then the gap just below 1.0 (int8: 1/127; NF4: 1 - 0.7230) and their smallest
-    positive value stands in the min_subnormal column.
+    ``eps`` is the gap *above* 1.0 (floats only: 2^-m); ``gap_below_1`` is the gap just below 1.0, which every
+    format has (floats 2^-(m+1)). Integer and table grids are given after absmax scaling to a largest level
+    of 1, so their only gap at 1 is the one below it (int8 on its restricted range -127..127, as absmax
+    uses it: 1/127; NF4: 1 - 0.7230); their smallest positive value stands in the min_subnormal column and
+    ``decimal_digits`` is -log10 of the gap at 1 (eps for floats, gap_below_1 for the scaled grids).
     """
     row = {"format": grid.name, "bits": grid.bits}
     if isinstance(grid, FloatGrid):
-        row.update(exponent_bits=grid.exp_bits, mantissa_bits=grid.man_bits, eps=grid.eps, max=grid.max,
-                   min_normal=grid.min_normal, min_subnormal=grid.min_subnormal,
-                   finite_values=_float_finite_count(grid))
+        row.update(exponent_bits=grid.exp_bits, mantissa_bits=grid.man_bits, eps=grid.eps,
+                   gap_below_1=grid.eps / 2, max=grid.max, min_normal=grid.min_normal,
+                   min_subnormal=grid.min_subnormal, finite_values=_float_finite_count(grid))
     else:  # in absmax-scaled units: the largest level is 1
         levels = grid.levels.double() / grid.max_abs
-        gaps = levels.diff()
-        row.update(exponent_bits=None, mantissa_bits=None, eps=float(gaps[levels[1:] > 0][-1]), max=1.0,
+        row.update(exponent_bits=None, mantissa_bits=None, eps=None, gap_below_1=float(1 - levels[-2]), max=1.0,
                    min_normal=None, min_subnormal=float(levels[levels > 0].min()), finite_values=len(levels))
     row["units"] = "native" if isinstance(grid, FloatGrid) else "absmax-scaled, max = 1"
-    row["decimal_digits"] = -math.log10(row["eps"])
+    row["decimal_digits"] = -math.log10(row["eps"] if row["eps"] is not None else row["gap_below_1"])
     return row
 
 
@@ -95,9 +96,33 @@ def _float_finite_count(grid: FloatGrid) -> int:
 
 
 def format_table(names=("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "int8", "int4", "nf4")):
-    """The format table as a list of dicts (``pandas.DataFrame(format_table())`` in a notebook)."""
-    return [format_properties(grid_by_name(n)) for n in names]
+    """The format table as a list of dicts (``pandas.DataFrame(format_table())`` in a notebook). Integer
+    formats appear on their restricted symmetric range (int8: -127..127, 255 values), the grid absmax uses."""
+    rows = []
+    for n in names:
+        restricted = n.startswith("int")
+        row = format_properties(get_grid(n, restricted=True) if restricted else grid_by_name(n))
+        if restricted:
+            q = 2 ** (int(n[3:]) - 1) - 1
+            row["format"] = f"{n} (-{q}..{q})"
+        rows.append(row)
+    return rows
+
+
+def spacing_curves(names, n_points: int = 4000, lo: float = 1e-9, hi: float = 1e6) -> dict:
+    """label -> (magnitudes, gaps) for each format, on a log grid of ``n_points`` from ``lo`` to the format's
+    largest value (or ``hi``). Floats in native units; integer and table grids after absmax scaling to a
+    largest level of 1 (their label says so). Input for ``qlab.study.plots.plot_spacing``."""
+    curves = {}
+    for name in names:
+        grid = grid_by_name(name)
+        scale = 1.0 if isinstance(grid, FloatGrid) else absmax_scale(grid)
+        top = grid.max_abs * scale
+        x = torch.logspace(math.log10(lo), math.log10(min(hi, top)), n_points, dtype=torch.float64)
+        label = name if isinstance(grid, FloatGrid) else f"{name} (absmax, max 1)"
+        curves[label] = (x, spacing(grid, x, scale))
+    return curves
 
 
 __all__ = ["FP32", "grid_by_name", "float_spacing", "level_spacing", "spacing", "absmax_scale",
-           "format_properties", "format_table"]
+           "format_properties", "format_table", "spacing_curves"]

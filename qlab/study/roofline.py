@@ -101,14 +101,19 @@ def plot_roofline(device: Device, n: int = 4096, k: int = 4096, batch_sizes=(1, 
                       color=line.get_color(), mec="black")
             ax_t.loglog([highlight_m], [roofline_seconds(c["flops"], c["bytes"], device) * 1e6], "*", ms=15,
                         color=line.get_color(), mec="black")
-    ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable TFLOP/s",
-           title=f"roofline, W {n}x{k}, M = {batch_sizes[0]}..{batch_sizes[-1]}")
-    ax_t.set(xlabel="batch size M (tokens)", ylabel="least time per matmul (us)",
-             title="memory-bound (flat) until the ridge, then compute-bound")
+    ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable TFLOP/s (upper bound)",
+           title=f"roofline bound, W {n}x{k}, M = {batch_sizes[0]}..{batch_sizes[-1]}")
+    ax_t.set(xlabel="batch size M (tokens)", ylabel="least time per matmul (us, lower bound)",
+             title="time bound: flat (memory) until the ridge, then compute")
     if highlight_m is not None:
         ax_t.axvline(highlight_m, color="grey", ls=":", lw=1)
+        ax.plot([], [], "*", ms=12, color="white", mec="black", label=f"batch size M = {highlight_m}")
     for a in (ax, ax_t):
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8, loc="upper left" if a is ax_t else "lower right")
+    # one legend outside the panels, so that no point (the stars at M = 1 sit in the corners) is hidden
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"{device.name}: bounds from datasheet bandwidth {device.bandwidth_gbs:g} GB/s and peak "
+                 f"{device.peak_tflops:g} TFLOP/s, not measurements", fontsize=9, y=1.0)
     fig.tight_layout()
     return fig

@@ -21,8 +21,19 @@ describe a Gaussian of variance σ² with mean squared error below
 
     D(R) = σ² 2^(-2R)                                                                 (2)
 
-so each bit buys at most 6.02 dB. A uniform quantizer followed by an ideal entropy coder reaches
-πe/6 · D(R) at high rate (Gish & Pierce 1968): 1.53 dB or 0.254 bit from the bound.
+so each bit buys at most 6.02 dB: halving the distortion (3.01 dB) takes half a bit, one more bit
+quarters it. A uniform quantizer followed by an ideal entropy coder reaches πe/6 · D(R) at high rate
+(Gish & Pierce 1968): 1.53 dB or 0.254 bit from the bound.
+
+**Lattices, entropy-coded, at high rate** (Zador; Gersho 1979; Conway & Sloane ch. 2): a lattice of
+normalized second moment G and cell volume V leaves D = G V^(2/n) per dimension, and entropy-coding its
+points costs R = h - log2(V)/n bits per dimension, h = ½ log2(2πe σ²) for a Gaussian. Eliminating V:
+
+    D ≈ 2πe G · σ² 2^(-2R)                                                             (3)
+
+Z (G = 1/12) gives πe/6 (+1.53 dB); D4 (G = 0.0766032) +1.17 dB; E8 (G = 929/12960) +0.88 dB, i.e. 0.65 dB
+better than Z; the bound itself is the limit G → 1/(2πe) of ever larger dimension. (3) describes
+variable-rate (entropy-coded) quantization; a fixed-rate codebook (QuIP#'s E8P) is a different curve.
 
 **Lloyd–Max** (Lloyd 1957/1982, Max 1960): the L-level quantizer of least MSE satisfies
 thresholds t_i = (c_i + c_(i+1)) / 2 and c_i = E[x | t_(i-1) < x <= t_i]. For a unit Gaussian the
@@ -43,6 +54,8 @@ from qlab.core.scales import fake_quant_groups
 
 DB_PER_BIT = 20 * math.log10(2)  # 6.0206 dB
 ECSQ_GAP = math.pi * math.e / 6  # 1.4233 = 1.53 dB = 0.2546 bit
+# normalized second moments G (Conway & Sloane, "Sphere Packings, Lattices and Groups", table 2.3)
+LATTICE_G = {"Z": 1 / 12, "D4": 0.0766032, "E8": 929 / 12960}
 
 
 # ---- signals --------------------------------------------------------------------------------------
@@ -128,6 +141,17 @@ def gaussian_rd(rate, variance: float = 1.0):
     """Equation (2): D(R) = σ² 2^(-2R), the least MSE at R bits per sample for a Gaussian source."""
     rate = rate.double() if isinstance(rate, torch.Tensor) else torch.tensor(rate, dtype=torch.float64)
     return variance * 2.0 ** (-2 * rate)
+
+
+def lattice_rd(rate, G: float, variance: float = 1.0):
+    """Equation (3): the high-rate MSE per sample of an entropy-coded lattice quantizer of normalized
+    second moment G on a Gaussian, 2πe G · σ² 2^(-2R) (G = 1/12, the scalar grid, gives πe/6 · D(R))."""
+    return 2 * math.pi * math.e * G * gaussian_rd(rate, variance)
+
+
+def lattice_gap_db(G: float) -> float:
+    """How far (dB) equation (3) sits above D(R): 10 log10(2πe G); 1.53 for Z, 0.88 for E8."""
+    return 10 * math.log10(2 * math.pi * math.e * G)
 
 
 def entropy_bits(codes: torch.Tensor) -> float:
@@ -226,6 +250,25 @@ def clip_sweep(x: torch.Tensor, bits: int, clips) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def gptq_clip_search(x: torch.Tensor, bits: int, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4) -> dict:
+    """GPTQ's reference range search on the core's symmetric int grid (per tensor): try the clip ratios
+    p = 1 - i/grid for i < maxshrink·grid (1.00 down to 0.21) and keep the one of least Σ|x - Q(x)|^norm
+    (IST-DASLab/gptq quant.py, ``Quantizer.find_params`` with ``mse=True``: grid 100, maxshrink 0.8,
+    norm 2.4). Returns the MSE at the chosen ratio ('mse') and the ratio ('p')."""
+    if not 0 < maxshrink <= 1 or grid < 1:
+        raise ValueError(f"need grid >= 1 and 0 < maxshrink <= 1, got grid={grid}, maxshrink={maxshrink}")
+    xf = x.float()
+    peak, qmax = float(xf.abs().max()), 2 ** (bits - 1) - 1
+    best = (math.inf, 1.0, math.nan)
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        err = quantize(xf, f"int{bits}-tensor-sym-absmax", scale=torch.tensor([p * peak / qmax])).dequantize() - xf
+        score = float((err.double().abs() ** norm).sum())
+        if score < best[0]:
+            best = (score, p, float((err.double() ** 2).mean()))
+    return {"mse": best[2], "p": best[1]}
+
+
 def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: int = 300) -> dict:
     """MSE of four b-bit scalar quantizers on samples x (per tensor):
 
@@ -249,3 +292,29 @@ def clipping_study(x: torch.Tensor, bits: int, n_clips: int = 40, lloyd_iters: i
     out["best_clip"], out["clip_at"] = float(sweep.min()), float(fine[sweep.argmin()])
     out["lloyd"] = lloyd_1d(x, 2**bits, iters=lloyd_iters)["mse"] if bits <= 6 else None
     return out
+
+
+# ---- everyone against the bound (notebook 03, section 5) ------------------------------------------
+def rate_distortion_points(x: torch.Tensor, lloyd_mse: dict | None = None, bits=range(1, 9),
+                           steps=(1.0, 0.5, 0.25, 0.1, 0.05, 0.02)) -> list[dict]:
+    """(quantizer, bits, mse) rows for samples x of a Gaussian: the core's int grid per tensor with absmax and
+    with its 'mse' clipping rule (2..8 bits), Lloyd–Max (``lloyd_mse``: bits -> MSE at unit variance, scaled
+    by the sample variance), NF4 in blocks of 64 counted with and without its scales, and a uniform grid of
+    each step in ``steps`` followed by an ideal entropy coder (rate = the codes' empirical entropy)."""
+    var, xf = float(x.var()), x.float()
+    rows = []
+    for b in bits:
+        if b >= 2:
+            rows.append(dict(quantizer="int absmax (per tensor)", bits=b, mse=_mse(xf, fake_quant(xf, f"int{b}-tensor"))))
+            rows.append(dict(quantizer="int mse-clip (core 'mse')", bits=b,
+                             mse=_mse(xf, fake_quant(xf, f"int{b}-tensor-sym-mse"))))
+        if lloyd_mse and b in lloyd_mse:
+            rows.append(dict(quantizer="Lloyd-Max", bits=b, mse=lloyd_mse[b] * var))
+    qt = quantize(xf, "nf4-b64")
+    nf4 = _mse(xf, qt.dequantize())
+    rows += [dict(quantizer="NF4 b64, code bits", bits=4, mse=nf4),
+             dict(quantizer="NF4 b64, incl. scales", bits=qt.bits_per_weight, mse=nf4)]
+    for step in steps:  # uniform step, no clipping, entropy-coded
+        codes = torch.round(x / step)
+        rows.append(dict(quantizer="uniform + entropy coding", bits=entropy_bits(codes), mse=_mse(x, codes * step)))
+    return rows

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qlab.core.formats import get_grid
-from qlab.study.precision import FP32, absmax_scale, float_spacing, format_properties, grid_by_name, spacing
+from qlab.study.precision import (FP32, absmax_scale, float_spacing, format_properties, format_table, grid_by_name,
+                                  spacing, spacing_curves)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -47,5 +48,23 @@ def test_format_properties():
     assert e4m3["finite_values"] == 253  # 256 codes, 2 NaN, +0 = -0
     assert format_properties(get_grid("fp8_e5m2"))["finite_values"] == 2 * (31 * 4) - 1
     assert format_properties(get_grid("fp16"))["finite_values"] == len(get_grid("fp16").levels)
-    assert format_properties(get_grid("int8"))["eps"] == pytest.approx(1 / 127)
-    assert format_properties(FP32)["eps"] == 2.0**-23
+    int8 = format_properties(get_grid("int8", restricted=True))
+    assert int8["eps"] is None and int8["gap_below_1"] == pytest.approx(1 / 127) and int8["finite_values"] == 255
+    assert format_properties(get_grid("nf4"))["gap_below_1"] == pytest.approx(1 - 0.7229568362236023)
+    assert format_properties(FP32)["eps"] == 2.0**-23 and format_properties(FP32)["gap_below_1"] == 2.0**-24
+
+
+def test_format_table_uses_the_restricted_int_grids():
+    rows = {r["format"]: r for r in format_table()}
+    assert rows["int8 (-127..127)"]["finite_values"] == 255 and rows["int4 (-7..7)"]["finite_values"] == 15
+    assert rows["int4 (-7..7)"]["gap_below_1"] == pytest.approx(1 / 7)
+    assert rows["nf4"]["finite_values"] == 16 and rows["bf16"]["decimal_digits"] == pytest.approx(7 * math.log10(2))
+
+
+def test_spacing_curves():
+    curves = spacing_curves(["fp16", "int8"], n_points=5, lo=1e-8, hi=1e4)
+    x, gap = curves["fp16"]
+    assert x.tolist() == pytest.approx([1e-8, 1e-5, 1e-2, 10, 1e4])
+    assert gap.tolist() == [2.0**-24, 2.0**-24, 2.0**-17, 2.0**-7, 2.0**3]  # subnormal floor, then ulp(x)
+    x, gap = curves["int8 (absmax, max 1)"]
+    assert x[-1] == 1 and gap[:-1].tolist() == pytest.approx([1 / 127] * 4) and math.isnan(gap[-1])

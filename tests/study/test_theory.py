@@ -126,3 +126,44 @@ def test_signals():
     assert torch.equal(signal("laplace", 10, seed=5), signal("laplace", 10, seed=5))
     with pytest.raises(ValueError):
         signal("cauchy", 10)
+
+
+def test_lattice_curves_against_the_published_and_measured_G():
+    from qlab.core.formats.lattice import normalized_second_moment
+    from qlab.study.theory import LATTICE_G, lattice_gap_db, lattice_rd
+
+    assert lattice_gap_db(LATTICE_G["Z"]) == pytest.approx(10 * math.log10(ECSQ_GAP), abs=1e-12)  # Gish & Pierce
+    assert lattice_gap_db(LATTICE_G["E8"]) == pytest.approx(0.8789, abs=1e-4)  # 10 log10(2πe · 929/12960)
+    assert lattice_gap_db(LATTICE_G["Z"]) - lattice_gap_db(LATTICE_G["E8"]) == pytest.approx(0.6541, abs=1e-4)
+    assert float(lattice_rd(2.0, LATTICE_G["Z"], variance=3.0)) == pytest.approx(math.pi * math.e / 6 * 3 / 16)
+    for name, lattice in (("Z", "Z1"), ("D4", "D4"), ("E8", "E8")):  # the table against Monte Carlo decoding
+        G, se = normalized_second_moment(lattice, samples=50_000)
+        assert abs(G - LATTICE_G[name]) < 4 * se, name
+
+
+def test_gptq_clip_search_hand_example():
+    from qlab.study.theory import gptq_clip_search
+
+    # x = (1, .45, .45, .45), 2 bits (levels -1, 0, 1 times p): score(p) = (1-p)^2 + 3 (.45 - p)^2 once .45/p
+    # rounds to 1: 0.2775 at p=.7, 0.2275 at p=.6 (best), 0.2575 at p=.5; p = 1 and .9 leave .45 at 0 (0.6075+)
+    x = torch.tensor([1.0, 0.45, 0.45, 0.45])
+    r = gptq_clip_search(x, 2, grid=10, maxshrink=0.8, norm=2.0)
+    assert r["p"] == pytest.approx(0.6) and r["mse"] == pytest.approx(0.2275 / 4, rel=1e-3)  # fp16 scale
+    assert gptq_clip_search(x, 2, grid=10, maxshrink=0.3, norm=2.0)["p"] == pytest.approx(0.8)  # p >= 0.8 only
+    assert gptq_clip_search(x, 2, grid=10, maxshrink=0.8, norm=1.0)["p"] == pytest.approx(0.5)  # 0.65 beats 0.85
+    with pytest.raises(ValueError, match="maxshrink"):
+        gptq_clip_search(x, 2, maxshrink=0)
+
+
+def test_rate_distortion_points():
+    from qlab.study.theory import rate_distortion_points
+
+    x = signal("gaussian", 64 * 2000, seed=3)
+    rows = rate_distortion_points(x, {1: 1 - 2 / math.pi}, bits=range(1, 5), steps=(0.05,))
+    by = {(r["quantizer"], round(r["bits"], 3)): r["mse"] for r in rows}
+    assert by[("Lloyd-Max", 1)] == pytest.approx((1 - 2 / math.pi) * float(x.var()))
+    assert {r["bits"] for r in rows if r["quantizer"].startswith("NF4")} == {4, 4.25}  # fp16 scale per 64
+    ec = [r for r in rows if r["quantizer"] == "uniform + entropy coding"][0]  # step 0.05: high rate
+    assert 10 * math.log10(ec["mse"] / float(gaussian_rd(ec["bits"], float(x.var())))) == pytest.approx(
+        10 * math.log10(ECSQ_GAP), abs=0.1)
+    assert ec["mse"] == pytest.approx(0.05**2 / 12, rel=0.02)  # Δ²/12
