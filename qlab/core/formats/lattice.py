@@ -247,3 +247,47 @@ def e8p_nearest(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch
         codes.append(e8p_encode(k, neg, torch.where(minus, -1, 1)))
     codes = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long)
     return e8p_decode(codes).to(x.dtype), codes
+
+
+# ---------------------------------------------------------------- the 1-bit E8 codebook of 3-bit QuIP#
+
+E81B_SIZE = 256  # 8-bit codes: 1 bit per weight for a group of 8
+
+
+def e81b_codebook() -> torch.Tensor:
+    """The 256 points of E8 that 3-bit QuIP# adds to E8P as a residual stage (256 x 8, float64), in quip-sharp's
+    code order (get_e81bgrid in lib/codebook/latticee8_padded12_rvq3bit.py).
+
+    They are the E8 points of squared norm <= 2 (the origin and the 240 roots: 112 of the form +-e_i +- e_j,
+    128 of the form (+-1/2)^8 with an even number of minus signs), then 15 of the 16 points +-2 e_i of norm 4
+    (+2 e_0 .. +2 e_7, -2 e_0 .. -2 e_6; quip-sharp leaves -2 e_7 out to make 256). Integer points come before
+    half-integer ones, each in lexicographic order. Example: code 0 is (-1, -1, 0, 0, 0, 0, 0, 0).
+    """
+    return _e81b().clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _e81b() -> torch.Tensor:
+    integer = [v for v in itertools.product((-1, 0, 1), repeat=8) if sum(map(abs, v)) in (0, 2) and sum(v) % 2 == 0]
+    half = [v for v in itertools.product((-0.5, 0.5), repeat=8) if sum(c < 0 for c in v) % 2 == 0]
+    two = [tuple(2 * s * (i == j) for j in range(8)) for s in (1, -1) for i in range(8)][:15]
+    return torch.tensor(sorted(integer) + sorted(half) + two, dtype=torch.float64)
+
+
+def e81b_decode(codes: torch.Tensor) -> torch.Tensor:
+    """8-bit codes -> points of the 256-point E8 codebook (shape codes.shape + (8,))."""
+    codes = torch.as_tensor(codes).long()
+    if codes.numel() and (codes.min() < 0 or codes.max() >= E81B_SIZE):
+        raise ValueError(f"E81B codes are 8-bit: got values in [{int(codes.min())}, {int(codes.max())}], "
+                         f"expected 0 .. 255")
+    return _e81b()[codes]
+
+
+def e81b_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest of the 256 E81B points to each row of x (N x 8): (points N x 8, codes N), by a 256-way argmax of
+    2 <x, c> - ||c||^2 (= ||x||^2 - ||x - c||^2; the first index on a tie, as quip-sharp's ``round``)."""
+    if x.dim() != 2 or x.shape[1] != 8:
+        raise ValueError(f"x must have shape (N, 8) (groups of 8 weights), got {tuple(x.shape)}")
+    C = _e81b().to(x.dtype)
+    codes = (2 * x @ C.T - (C**2).sum(-1)).argmax(-1)
+    return C[codes], codes
