@@ -21,7 +21,13 @@ Three steps per Linear ``W [m, n]`` with proxy Hessian ``H = (2/N) X^T X [n, n]`
    (QuIP thm. 6: LDLQ == OPTQ). quip-sharp factors H = L D L^T with L lower and sweeps the blocks last to
    first; that is the same algorithm on the columns in reverse order.
 3. Quantize each group of 8 columns with E8P (``qlab.core.formats.lattice.e8p_nearest``): a 16-bit code per
-   8 weights, 2 bits per weight, plus one scale and the sign vectors S_U, S_V per layer.
+   8 weights, 2 bits per weight, plus one scale and the sign vectors S_U, S_V per layer. For 3 and 4 bits a
+   second, residual stage follows inside the same BlockLDLQ step (``QuipCodebook``: 'e8p-rvq3', 'e8p-rvq4').
+
+Linears that read one input (q/k/v, gate/up) share H and S_U: ``quip_sharp_shared`` rotates H once, factors it
+once and sweeps their stacked rows in one BlockLDLQ call (every row is its own problem given H, so this gives
+the codes each would get alone). At inference the weight may stay in the rotated basis and the activation be
+rotated instead (``quip_method(..., rotate_inputs=True)`` installs ``qlab.models.modules.QuipLinear``).
 
 Tiny worked example of one LDLQ step (g = 1, int grid with step 1, one row, H = [[1, .5], [.5, 1]]):
 H = U D U^T with U = [[1, .5], [0, 1]], D = diag(.75, 1). W = [3.4, 1.4]: column 0 rounds to 3 (W - W_hat =
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlab.core.formats.lattice import e8p_decode, e8p_nearest
+from qlab.core.formats.lattice import e8p_decode, e8p_nearest, e81b_decode, e81b_nearest
 from qlab.core.packing import pack, unpack
 from qlab.core.quant import validate
 from qlab.core.rotations import RandomizedHadamard
@@ -44,7 +50,6 @@ from qlab.methods.base import QuantResult
 from qlab.methods.weight.gptq import HessianAccumulator
 
 E8P_OPT_SCALE = 1.03  # RMS of the scaled weight that E8P quantizes best (quip-sharp's opt_scale for E8P12)
-SUPPORTED_SPECS = ("e8p",)
 
 
 # ---------------------------------------------------------------- BlockLDLQ
@@ -109,6 +114,68 @@ def e8p_quantizer(target: torch.Tensor, k: int = 0):
     return points, codes[:, None]
 
 
+@dataclass(frozen=True)
+class QuipCodebook:
+    """A QuIP# codebook for groups of 8 rotated weights, in units of the layer's scale s.
+
+    2 bits: E8P alone. 3 and 4 bits (QuIP#'s residual vector quantization for higher rates): a codebook C2 rounds
+    the first stage's residual, magnified by ``resid_scale``:
+
+        c1 = nearest E8P point to w,   c2 = nearest C2 point to (w - E8P[c1]) * resid_scale,
+        w_hat = E8P[c1] + C2[c2] / resid_scale        (so the weights are s E8P[c1] + (s / resid_scale) C2[c2])
+
+    C2 is E8P again (4 bits: two 16-bit codes per 8 weights) or the 256-point E81B (3 bits: 16 + 8 bits per 8).
+    ``opt_scale`` (the RMS the rotated weight is scaled to) and ``resid_scale`` are quip-sharp's: E8P12 1.03,
+    E8P12RVQ3B 0.98 and 2.04, E8P12RVQ4B 1.03 and 3.45 (tests/data/lattice/e81b_reference.json records them).
+    Measured here (tests/methods/weight/test_quip_rvq.py): both resid_scales are within 2% of the best MSE on a
+    unit Gaussian, but at 4 bits a stage-1 scale of 0.9 gives ~10% less MSE than 1.03 (pass ``opt_scale``).
+    """
+
+    name: str
+    opt_scale: float
+    resid: str | None = None  # the second stage's codebook: None, 'e8p' or 'e81b'
+    resid_scale: float = 1.0
+
+    @property
+    def resid_bits(self) -> int:
+        """Bits of the second-stage code per group of 8: 0, 8 (E81B) or 16 (E8P)."""
+        return {None: 0, "e81b": 8, "e8p": 16}[self.resid]
+
+    @property
+    def bits(self) -> float:
+        """Code bits per weight (the per-layer scale and signs come on top)."""
+        return (16 + self.resid_bits) / 8
+
+    def decode(self, codes: torch.Tensor, resid_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """E8P[codes] + C2[resid_codes] / resid_scale, shape codes.shape + (8,), float64."""
+        points = e8p_decode(codes)
+        if self.resid is None:
+            return points
+        if resid_codes is None:
+            raise ValueError(f"the {self.name} codebook needs resid_codes (its second stage)")
+        second = e8p_decode(resid_codes) if self.resid == "e8p" else e81b_decode(resid_codes)
+        return points + second / self.resid_scale
+
+    def quantize(self, target: torch.Tensor, k: int = 0):
+        """A ``block_ldlq`` quantizer: the stage-by-stage nearest points to each row of a block [m, 8].
+
+        Returns (points [m, 8] as ``decode`` gives them, codes [m, 1] or [m, 2] = (c1, c2))."""
+        _, c1 = e8p_nearest(target)
+        if self.resid is None:
+            return self.decode(c1).to(target.dtype), c1[:, None]
+        residual = (target - e8p_decode(c1).to(target.dtype)) * self.resid_scale
+        _, c2 = e8p_nearest(residual) if self.resid == "e8p" else e81b_nearest(residual)
+        return self.decode(c1, c2).to(target.dtype), torch.stack([c1, c2], dim=1)
+
+
+CODEBOOKS = {cb.name: cb for cb in (
+    QuipCodebook("e8p", E8P_OPT_SCALE),                              # 2 bits (quip-sharp's E8P12)
+    QuipCodebook("e8p-rvq3", 0.98, resid="e81b", resid_scale=2.04),  # 3 bits (quip-sharp's E8P12RVQ3B)
+    QuipCodebook("e8p-rvq4", 1.03, resid="e8p", resid_scale=3.45),   # 4 bits (quip-sharp's E8P12RVQ4B)
+)}
+SUPPORTED_SPECS = tuple(CODEBOOKS)
+
+
 def scalar_quantizer(scale: torch.Tensor, zero_point: torch.Tensor | None, grid):
     """A quantizer for ``block_ldlq`` with g = 1: one column, a fixed scale (and zero point) per row [m].
 
@@ -133,13 +200,16 @@ def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 @register_kind
 @dataclass
 class QuipTensor:
-    """A QuIP# weight: 16-bit E8P codes of the rotated weight, one scale, and the rotation's sign vectors.
+    """A QuIP# weight: E8P codes of the rotated weight (and residual codes at 3 and 4 bits), one scale, and the
+    rotation's sign vectors.
 
-        W_hat = S_V V_m^T ( scale * E8P[codes] ) V_n S_U          (the un-rotated weight, ``dequantize()``)
+        W_hat = S_V V_m^T ( scale * C[codes] ) V_n S_U          (the un-rotated weight, ``dequantize()``)
 
-    ``codes`` [m, n/8] index the 65,536-point E8P codebook (shared by every layer and computed from 256
-    patterns, so not counted here); ``SU`` [n] and ``SV`` [m] are +-1 (1 bit each); ``seed`` is the seed that
-    drew them. nbytes = 2 per code + 4 (fp32 scale) + (n + m) / 8: about 2.01 bits per weight at 192 x 576.
+    with C[codes] = E8P[codes] + C2[resid_codes] / resid_scale for the residual specs (``QuipCodebook``).
+    ``codes`` [m, n/8] index the 65,536-point E8P codebook and ``resid_codes`` [m, n/8] the second stage's (both
+    codebooks are fixed, shared by every layer and computed from a few patterns, so not counted here); ``SU``
+    [n] and ``SV`` [m] are +-1 (1 bit each); ``seed`` is the seed that drew them. nbytes = (16 + 16 or 8 or 0) / 8
+    per group of 8 + 4 (fp32 scale) + (n + m) / 8: at 192 x 576, 2.007, 3.007 and 4.007 bits per weight.
     """
 
     kind = "quip"
@@ -151,9 +221,13 @@ class QuipTensor:
     SV: torch.Tensor
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    spec: str = "e8p"
+    resid_codes: torch.Tensor | None = None
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
+        if self.spec not in CODEBOOKS:
+            raise ValueError(f"spec must be one of {', '.join(CODEBOOKS)}, got {self.spec!r}")
         if len(self.shape) != 2 or self.shape[1] % 8:
             raise ValueError(f"a QuIP# weight is [out, in] with in a multiple of 8 (E8P groups), got {self.shape}")
         m, n = self.shape
@@ -166,6 +240,20 @@ class QuipTensor:
                 raise ValueError(f"{name} must be {size} signs +-1, got shape {tuple(v.shape)}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {self.scale}")
+        bits = self.codebook.resid_bits
+        if bits == 0 and self.resid_codes is not None:
+            raise ValueError(f"the {self.spec} spec has no second stage: resid_codes must be None")
+        if bits:
+            r = self.resid_codes
+            if r is None or tuple(r.shape) != (m, n // 8):
+                raise ValueError(f"{self.spec} needs resid_codes [out={m}, in/8={n // 8}], got "
+                                 f"{None if r is None else tuple(r.shape)}")
+            if r.is_floating_point() or r.numel() and (r.min() < 0 or r.max() >= 1 << bits):
+                raise ValueError(f"resid_codes must be integers in [0, {1 << bits}) ({bits}-bit codes for {self.spec})")
+
+    @property
+    def codebook(self) -> QuipCodebook:
+        return CODEBOOKS[self.spec]
 
     @property
     def numel(self) -> int:
@@ -177,8 +265,8 @@ class QuipTensor:
         return R
 
     def rotated(self) -> torch.Tensor:
-        """scale * E8P[codes]: the weight in the rotated basis, [m, n] float64."""
-        return self.scale * e8p_decode(self.codes).reshape(self.shape)
+        """scale * C[codes]: the weight in the rotated basis, [m, n] float64."""
+        return self.scale * self.codebook.decode(self.codes, self.resid_codes).reshape(self.shape)
 
     def dequantize(self) -> torch.Tensor:
         return self.rotation().weight_inverse(self.rotated()).to(self.dtype)
@@ -186,76 +274,124 @@ class QuipTensor:
     @property
     def nbytes(self) -> float:
         m, n = self.shape
-        return 2 * self.codes.numel() + 4 + math.ceil(n / 8) + math.ceil(m / 8)
+        return (16 + self.codebook.resid_bits) // 8 * self.codes.numel() + 4 + math.ceil(n / 8) + math.ceil(m / 8)
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes / self.numel
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.shape), "dtype": str(self.dtype), "seed": self.seed,
-                "codes": pack(self.codes, 16), "scale": float(self.scale),
-                "SU": pack(self.SU < 0, 1), "SV": pack(self.SV < 0, 1)}
+        state = {"kind": self.kind, "shape": list(self.shape), "dtype": str(self.dtype), "seed": self.seed,
+                 "spec": self.spec, "codes": pack(self.codes, 16), "scale": float(self.scale),
+                 "SU": pack(self.SU < 0, 1), "SV": pack(self.SV < 0, 1)}
+        if self.resid_codes is not None:
+            state["resid_codes"] = pack(self.resid_codes, self.codebook.resid_bits)
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "QuipTensor":
         m, n = state["shape"]
+        spec = state.get("spec", "e8p")  # files written before the residual specs are E8P
         codes = unpack(state["codes"], 16, m * n // 8).reshape(m, n // 8)
+        resid = state.get("resid_codes")
+        if resid is not None:
+            resid = unpack(resid, CODEBOOKS[spec].resid_bits, m * n // 8).reshape(m, n // 8)
         SU = 1.0 - 2.0 * unpack(state["SU"], 1, n).double()
         SV = 1.0 - 2.0 * unpack(state["SV"], 1, m).double()
-        return cls((m, n), codes, float(state["scale"]), SU, SV, int(state["seed"]), dtype_from_name(state["dtype"]))
+        return cls((m, n), codes, float(state["scale"]), SU, SV, int(state["seed"]), dtype_from_name(state["dtype"]),
+                   spec, resid)
 
     def __repr__(self):
-        return f"QuipTensor(E8P, shape={self.shape}, {self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight)"
+        return (f"QuipTensor({self.spec}, shape={self.shape}, {self.nbytes:,} bytes, "
+                f"{self.bits_per_weight:.3f} bits/weight)")
 
 
 # ---------------------------------------------------------------- QuIP# and its registry entry
 
 
-def quip_sharp(W: torch.Tensor, H: torch.Tensor, *, seed: int = 0, opt_scale: float = E8P_OPT_SCALE,
-               sigma: float = 0.01) -> QuipTensor:
-    """QuIP# E8P (2 bits) of a weight [m, n] given its proxy Hessian H [n, n]: rotate, scale, BlockLDLQ.
+def quip_sharp(W: torch.Tensor, H: torch.Tensor, *, seed: int = 0, opt_scale: float | None = None,
+               sigma: float = 0.01, spec: str = "e8p") -> QuipTensor:
+    """QuIP# of a weight [m, n] given its proxy Hessian H [n, n]: rotate, scale, BlockLDLQ with E8P ('e8p', 2 bits)
+    or E8P plus a residual stage ('e8p-rvq3', 'e8p-rvq4').
 
-    The scale is s = RMS(W') / opt_scale for the rotated weight W', so W' / s has RMS ``opt_scale``.
+    The scale is s = RMS(W') / opt_scale for the rotated weight W', so W' / s has RMS ``opt_scale`` (None: the
+    codebook's, 1.03 for E8P).
     """
-    W = W.weight.data if isinstance(W, torch.nn.Linear) else W
-    validate(W, "weight")
+    return quip_sharp_shared([W], H, seed=seed, opt_scale=opt_scale, sigma=sigma, spec=spec)[0]
+
+
+def quip_sharp_shared(weights: list, H: torch.Tensor, *, seed: int = 0, opt_scale: float | None = None,
+                      sigma: float = 0.01, spec: str = "e8p") -> list:
+    """QuIP# for several weights [m_i, n] that read one input (q/k/v, gate/up) and so share H.
+
+    One seed draws the same S_U for all (``RandomizedHadamard`` draws S_U first), so the input is rotated once
+    at inference; H is rotated, regularised and block-factored once; each weight is rotated on its output side
+    with its own S_V and scaled by its own RMS; then one BlockLDLQ call sweeps the stacked rows. A row's codes
+    depend only on the row, H and the codebook, so each weight gets the codes ``quip_sharp`` gives it alone.
+    Returns one QuipTensor per weight, in order.
+    """
+    weights = [w.weight.data if isinstance(w, torch.nn.Linear) else w for w in weights]
+    codebook = CODEBOOKS[parse_quip_spec(spec)]
+    opt_scale = codebook.opt_scale if opt_scale is None else opt_scale
     validate(H, "Hessian")
-    if W.dim() != 2:
-        raise ValueError(f"QuIP# quantizes a 2-d weight [out, in], got shape {tuple(W.shape)}")
-    m, n = W.shape
+    if not weights:
+        raise ValueError("weights must hold at least one weight [out, in]")
+    for W in weights:
+        validate(W, "weight")
+        if W.dim() != 2:
+            raise ValueError(f"QuIP# quantizes a 2-d weight [out, in], got shape {tuple(W.shape)}")
+    n = weights[0].shape[1]
+    if any(W.shape[1] != n for W in weights):
+        raise ValueError(f"weights sharing an input must have the same input width, got "
+                         f"{[tuple(W.shape) for W in weights]}")
     if n % 8:
         raise ValueError(f"E8P quantizes groups of 8 input weights: the input width {n} must be a multiple of 8")
     if not opt_scale > 0:
         raise ValueError(f"opt_scale must be positive, got {opt_scale}")
-    R = RandomizedHadamard(m, n, seed=seed)  # refuses widths with no Hadamard construction
-    Wr, Hr = R.weight(W.double()), R.hessian(H.double())
-    rms = float(Wr.pow(2).mean().sqrt())
-    scale = rms / opt_scale if rms > 0 else torch.finfo(torch.float32).tiny  # an all-zero W decodes to ~0
-    _, codes = block_ldlq(Wr / scale, Hr, e8p_quantizer, g=8, sigma=sigma)
-    return QuipTensor((m, n), codes, scale, R.SU, R.SV, seed, W.dtype)
+    rotations = [RandomizedHadamard(W.shape[0], n, seed=seed) for W in weights]  # refuse widths with no Hadamard
+    Hr = rotations[0].hessian(H.double())  # V_n S_U H S_U V_n^T, the same S_U for every weight
+    scaled, scales = [], []
+    for W, R in zip(weights, rotations):
+        Wr = R.weight(W.double())
+        rms = float(Wr.pow(2).mean().sqrt())
+        scales.append(rms / opt_scale if rms > 0 else torch.finfo(torch.float32).tiny)  # all-zero W decodes to ~0
+        scaled.append(Wr / scales[-1])
+    _, codes = block_ldlq(torch.cat(scaled), Hr, codebook.quantize, g=8, sigma=sigma)
+    stages = codes.shape[1] // (n // 8)  # block_ldlq lays the codes out block by block: (c1, c2) per group
+    out, start = [], 0
+    for W, R, scale in zip(weights, rotations, scales):
+        c = codes[start:start + W.shape[0]]
+        start += W.shape[0]
+        resid = c[:, 1::stages] if stages == 2 else None
+        out.append(QuipTensor(tuple(W.shape), c[:, 0::stages], scale, R.SU, R.SV, seed, W.dtype, codebook.name, resid))
+    return out
 
 
 def parse_quip_spec(spec) -> str:
-    """'e8p' (2 bits); anything else is refused with the list of what is supported."""
+    """'e8p' (2 bits), 'e8p-rvq3' (3 bits) or 'e8p-rvq4' (4 bits); anything else is refused with the list."""
     name = str(spec).strip().lower()
     if name not in SUPPORTED_SPECS:
-        raise ValueError(f"quip supports the spec {', '.join(repr(s) for s in SUPPORTED_SPECS)} (E8P: a 16-bit "
-                         f"code per 8 weights, 2 bits per weight), got {spec!r}; the residual 3- and 4-bit "
-                         f"variants (E8P plus a scaled second E8P stage) are not implemented yet")
+        raise ValueError(f"quip supports the specs {', '.join(repr(s) for s in SUPPORTED_SPECS)} (E8P: a 16-bit "
+                         f"code per 8 weights, 2 bits per weight; -rvq3 / -rvq4 add an 8- or 16-bit residual code "
+                         f"per 8 weights for 3 or 4 bits), got {spec!r}")
     return name
 
 
-def quip_method(weights, X, spec, names=None, *, seed: int = 0, opt_scale: float = E8P_OPT_SCALE,
-                sigma: float = 0.01) -> QuantResult:
-    """The registry's QuIP#: H from the calibration batches X, then ``quip_sharp`` on each weight with that
-    same H and the same seed (weights that read one input, q/k/v, share S_U, so their inputs rotate once)."""
-    parse_quip_spec(spec)
+def quip_method(weights, X, spec, names=None, *, seed: int = 0, opt_scale: float | None = None,
+                sigma: float = 0.01, rotate_inputs: bool = False) -> QuantResult:
+    """The registry's QuIP#: H from the calibration batches X, then ``quip_sharp_shared`` on the group's weights
+    (one H, one S_U: q/k/v share their input rotation, and one BlockLDLQ sweep covers their stacked rows).
+
+    ``rotate_inputs``: keep each weight in the rotated basis and rotate the activation at run time (the walker
+    installs ``qlab.models.modules.QuipLinear``); False: the weight is de-quantized back to the original basis.
+    """
+    spec = parse_quip_spec(spec)
     if not X:
         raise ValueError("QuIP# needs calibration inputs X (a list of batches [..., in])")
     acc = HessianAccumulator(weights[0].shape[1])
     for x in X:
         acc.add(x)
     H = acc.XtX * (2.0 / acc.n)  # float64
-    qweights = [quip_sharp(W, H, seed=seed, opt_scale=opt_scale, sigma=sigma) for W in weights]
-    return QuantResult(qweights, info={"scales": [q.scale for q in qweights]})
+    qweights = quip_sharp_shared(weights, H, seed=seed, opt_scale=opt_scale, sigma=sigma, spec=spec)
+    act = {"kind": "quip_rotated"} if rotate_inputs else None
+    return QuantResult(qweights, act=act, info={"scales": [q.scale for q in qweights]})
