@@ -6,13 +6,18 @@ QuantizedTensor, a GGUFTensor, a CodebookTensor) instead of a float weight.
 * ``W8A8Linear``     int8 weights x int8 activations (per token, per tensor, or a static scale), exact
                      integer sums (SmoothQuant's and naive W8A8)
 * ``Int8Linear``     LLM.int8(): outlier input columns in float, the rest int8 x int8
+* ``QuipLinear``     QuIP#: the weight kept in the rotated basis, the activation rotated on the fly
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlab.methods.activation.llm_int8 import int8_decomposed_matmul
 from qlab.core.quant import quantize
+from qlab.core.rotations import hadamard, hadamard_factors, hadamard_transform
+from qlab.kernels import hadamard as fwht_kernel
 from qlab.methods.activation.smoothquant import ACT_SPECS, WEIGHT_SPEC, int8_matmul, quantize_activations
 
 
@@ -108,6 +113,55 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold}"
 
 
+def kron_hadamard(x: torch.Tensor, transpose: bool = False, fwht: str | None = None) -> torch.Tensor:
+    """x @ V^T over the last dim (x @ V when ``transpose``), V = (H_K (x) H_p) / sqrt(n), n = K p.
+
+    ``fwht=None``: qlab.core.rotations' torch path, in x's dtype. Otherwise a qlab.kernels backend name ('torch',
+    'interpret', 'triton'): the power-of-two factor H_p goes through the FWHT kernel (float32), and the small
+    K x K factor is a matmul, as x (A (x) B)^T = A X B^T with x viewed as a K x p matrix X.
+    """
+    if fwht is None:
+        return hadamard_transform(x, transpose=transpose)
+    n = x.shape[-1]
+    K, p = hadamard_factors(n)
+    X = fwht_kernel.hadamard_transform(x.reshape(*x.shape[:-1], K, p), normalize=False, backend=fwht)  # X H_p
+    A = hadamard(K).to(X.dtype)
+    Y = torch.einsum("ka,...ap->...kp", A.T if transpose else A, X)
+    return Y.reshape(x.shape) / math.sqrt(n)
+
+
+class QuipLinear(nn.Module):
+    """A QuIP# Linear kept in the rotated basis, the activation rotated on the fly (QuIP# sec. 3, alg. 1).
+
+    The stored weight is W' = scale * C[codes] with W = S_V V_m^T W' V_n S_U, so
+
+        y = x W^T + b = ((x S_U) V_n^T W'^T V_m) S_V + b:
+
+    rotate the input (signs, then a Kronecker-factored Hadamard transform, n (K + log2 p) operations), multiply
+    by the rotated weight, and turn the output back (V_m, then the signs). The result equals
+    ``F.linear(x, qweight.dequantize())`` to float rounding. ``fwht``: see :func:`kron_hadamard`.
+    """
+
+    def __init__(self, qweight, bias: torch.Tensor | None = None, fwht: str | None = None):
+        super().__init__()
+        if getattr(qweight, "kind", None) != "quip":
+            raise ValueError(f"QuipLinear holds a QuIP# weight (QuipTensor), got {type(qweight).__name__}")
+        self.qweight, self.fwht = qweight, fwht
+        self.out_features, self.in_features = qweight.shape
+        self.bias = _bias(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.qweight
+        xr = kron_hadamard(x * q.SU.to(x.dtype), fwht=self.fwht)  # x S_U V_n^T
+        yr = F.linear(xr, q.rotated().to(x.dtype))  # (x S_U V_n^T) W'^T
+        y = kron_hadamard(yr, transpose=True, fwht=self.fwht) * q.SV.to(x.dtype)  # ... V_m S_V
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.qweight.spec}, rotated basis, " \
+               f"bpw={self.qweight.bits_per_weight:.3f}"
+
+
 def build(module: nn.Module, qweight, act: dict | None, mode: str) -> nn.Module | None:
     """The module that replaces ``module`` (an nn.Linear or nn.Embedding) for a quantized weight; None in
     fake mode for weight-only results (the caller swaps in the de-quantized weight instead)."""
@@ -118,6 +172,8 @@ def build(module: nn.Module, qweight, act: dict | None, mode: str) -> nn.Module 
             return W8A8Linear(qweight, module.bias, act["act"], act.get("static_scale"))
         if act["kind"] == "llm_int8":
             return Int8Linear(qweight, module.bias, act["threshold"])
+        if act["kind"] == "quip_rotated":  # not a quantization of x: its rotation, in either mode
+            return QuipLinear(qweight, module.bias, act.get("fwht"))
         raise ValueError(f"unknown activation quantization {act['kind']!r}")
     if mode == "fake":
         return None
