@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from numba import njit
 
 from qlab.gguf.blocks import BlockFormat, register, f16_bytes, f16_round, read_f16, QK_K
 from qlab.gguf.search import (F32, GROUP_MAX_EPS, nearest_int, seqsum, signed_extreme,
@@ -42,9 +43,19 @@ def _requantize(x, d, dm, qmax, L, offset=0):
 
     x, L: [B, S, n]; d, dm: [B, S]. Sub-blocks whose d is 0 keep the search's levels, as the C does.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        new = np.clip(nearest_int((x + dm[..., None]) / d[..., None]), -offset, qmax - offset) + offset
-    return np.where((d != 0)[..., None], new, L)
+    L = np.array(L, dtype=F32)  # a copy, changed in place
+    _requantize_loop(np.ascontiguousarray(x, dtype=F32), np.ascontiguousarray(d, dtype=F32),
+                     np.ascontiguousarray(dm, dtype=F32), F32(-offset), F32(qmax - offset), F32(offset), L)
+    return L
+
+
+@njit(cache=True, error_model="numpy")
+def _requantize_loop(x, d, dm, lo, hi, offset, L):
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            if d[b, s] != 0:
+                for i in range(x.shape[2]):
+                    L[b, s, i] = min(max(np.rint((x[b, s, i] + dm[b, s]) / d[b, s]), lo), hi) + offset
 
 
 # ---------------------------------------------------------------- bit packing
@@ -161,7 +172,7 @@ class Q2_K(BlockFormat):
         d, dmin = read_f16(data, 80), read_f16(data, 82)
         dl = (d[:, None] * (sc & 0xF).astype(F32))[..., None]
         ml = (dmin[:, None] * (sc >> 4).astype(F32))[..., None]
-        return (dl * q - ml).reshape(-1, QK_K).astype(F32)
+        return (dl * q - ml).reshape(-1, QK_K).astype(F32, copy=False)
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -192,7 +203,7 @@ class Q3_K(BlockFormat):
         sc_bytes = _pack_scales_q3(l6.astype(np.int64))
         sub_d = (f16_round(d)[:, None] * (l6 - 32).astype(F32)).astype(F32)
         L = _requantize(x.reshape(B, 16, 16), sub_d, np.zeros_like(sub_d), 7, L.reshape(B, 16, 16), offset=4)
-        L = L.reshape(B, QK_K).astype(np.int64)
+        L = L.reshape(B, QK_K).astype(np.uint8)   # levels 0..7
         high = L > 3
         return np.concatenate([_pack_bitplane(high, 8), _pack_2bit(L & 3), sc_bytes, f16_bytes(d)], axis=1)
 
@@ -203,7 +214,7 @@ class Q3_K(BlockFormat):
         d = read_f16(data, 108)
         dl = (d[:, None] * sc.astype(F32))[..., None]
         val = (q - 4 * (1 - high)).astype(F32).reshape(-1, 16, 16)
-        return (dl * val).reshape(-1, QK_K).astype(F32)
+        return (dl * val).reshape(-1, QK_K).astype(F32, copy=False)
 
 
 # ---------------------------------------------------------------- Q4_K and Q5_K
@@ -243,7 +254,7 @@ class _KAffine(BlockFormat):
         sub_d = (f16_round(d)[:, None] * ls.astype(F32)).astype(F32)
         sub_m = (f16_round(dmin)[:, None] * lm.astype(F32)).astype(F32)
         L = _requantize(x.reshape(B, 8, 32), sub_d, sub_m, self.qmax, L.reshape(B, 8, 32))
-        return d, dmin, ls, lm, L.reshape(B, QK_K).astype(np.int64)
+        return d, dmin, ls, lm, L.reshape(B, QK_K).astype(np.uint8)   # levels 0..31
 
     def dequantize_blocks(self, data):
         d, dmin = read_f16(data, 0), read_f16(data, 2)
@@ -251,7 +262,7 @@ class _KAffine(BlockFormat):
         q = self.stored_codes(data).astype(F32).reshape(-1, 8, 32)
         dl = (d[:, None] * sc.astype(F32))[..., None]
         ml = (dmin[:, None] * mn.astype(F32))[..., None]
-        return (dl * q - ml).reshape(-1, QK_K).astype(F32)
+        return (dl * q - ml).reshape(-1, QK_K).astype(F32, copy=False)
 
 
 @register
@@ -310,8 +321,8 @@ class Q6_K(BlockFormat):
         ql = data[:, :128].reshape(-1, 2, 2, 32)                    # [B, half, k%2, l]
         lo = np.concatenate([ql & 0xF, ql >> 4], axis=2)            # [B, half, k, l]
         qh = data[:, 128:192].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
-        q = (lo.astype(np.int32) | ((qh & 3).astype(np.int32) << 4)) - 32
-        sc = np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(F32)
-        d = read_f16(data, 208)
-        dl = (d[:, None] * sc)[..., None]
-        return (dl * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K).astype(F32)
+        x = (lo | ((qh & 3) << 4)).astype(F32).reshape(-1, 16, 16)   # codes 0..63, uint8 until here
+        x -= 32
+        sc = data[:, 192:208].view(np.int8).astype(F32)
+        x *= (read_f16(data, 208)[:, None] * sc)[..., None]        # d·sc, then ·(q - 32), as the C
+        return x.reshape(-1, QK_K)

@@ -18,146 +18,196 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from numba import njit
 
-from qlab.gguf.blocks import BlockFormat, register, f16_bytes, read_f16
-from qlab.gguf.search import F32, signed_extreme, make_qx_quants, make_qkx_quants
-
-
-def _trunc(x):
-    """C's float -> integer conversion (toward zero)."""
-    return np.trunc(x).astype(np.int32)
-
-
-def _roundf(x):
-    """C's ``roundf``: half away from zero, computed without the x+0.5 rounding trap."""
-    t = np.trunc(x)
-    return (t + np.trunc(F32(2) * (x - t))).astype(np.int32)
-
-
-def _inv(d):
-    with np.errstate(divide="ignore"):
-        return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+from qlab.gguf.blocks import BlockFormat, register, f16_field, read_f16
+from qlab.gguf.search import F32, _signed_max, make_qx_quants, make_qkx_quants
 
 
 def _importance(x, qw, sigma2):
     return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
 
 
-def _pack_nibbles(q):
-    """[B, 32] codes 0..15 -> [B, 16] bytes: low nibble element j, high nibble element j+16."""
-    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
-
-
 def _unpack_nibbles(qs):
-    return np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int32)
-
-
-def _pack_high_bits(q):
-    """Bit 4 of the 32 codes -> 4 bytes of a little-endian uint32 (bit k = element k)."""
-    word = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return np.ascontiguousarray(word.sum(axis=1, dtype=np.uint32)).view(np.uint8).reshape(-1, 4)
+    """[B, 16] bytes -> [B, 32] uint8 codes: element j from the low nibble of byte j, j+16 from its high one."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
 
 
 def _unpack_high_bits(qh):
+    """[B, 4] bytes (a little-endian uint32) -> [B, 32] uint8: bit k is element k's."""
     word = np.ascontiguousarray(qh).view("<u4")[:, :1]
-    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
-class _Symmetric(BlockFormat):
-    """Q4_0 / Q5_0: x = d·(q - offset), d = signed extreme / -offset."""
+# ---------------------------------------------------------------- compiled block loops (llama.cpp's *_ref)
+# One pass per block, as the C: find the range, code each value, write the bytes. The fp16 fields
+# (d, m) are written afterwards from the float32 values these return (np.float16 rounds like ggml).
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _put_pair(ob, qs_at, qh_at, j, q0, q1, qh):
+    """Codes of elements j and j+16: their low nibbles into byte qs_at + j, their bit 4 into qh (Q5)."""
+    ob[qs_at + j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
+    if qh_at >= 0:
+        qh |= (((q0 >> 4) & 1) << j) | (((q1 >> 4) & 1) << (j + 16))
+    return qh
+
+
+@njit(cache=True, error_model="numpy")
+def _put_qh(ob, qh_at, qh):
+    """The Q5 fifth bits as a little-endian uint32 at qh_at (bit k = element k); nothing if qh_at < 0."""
+    if qh_at >= 0:
+        for k in range(4):
+            ob[qh_at + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_codes(L, out, qs_at, qh_at):
+    """The bytes of codes ``L [B, 32]`` found by a search (the imatrix path)."""
+    for b in range(L.shape[0]):
+        qh = 0
+        for j in range(16):
+            qh = _put_pair(out[b], qs_at, qh_at, j, L[b, j], L[b, j + 16], qh)
+        _put_qh(out[b], qh_at, qh)
+
+
+@njit(cache=True, error_model="numpy")
+def _symmetric_ref(x, offset, d, out, qs_at, qh_at):
+    """Q4_0 / Q5_0: d = signed extreme / -offset, q = min(2·offset - 1, (int)(x/d + offset + 0.5))."""
+    top, half = 2 * offset - 1, F32(offset) + F32(0.5)
+    for b in range(x.shape[0]):
+        xb, ob, qh = x[b], out[b], 0
+        _, vmax = _signed_max(xb)
+        db = vmax / F32(-offset)
+        id_ = F32(1) / db if db != 0 else F32(0)
+        for j in range(16):   # int(): C's truncating cast
+            qh = _put_pair(ob, qs_at, qh_at, j, min(top, int(xb[j] * id_ + half)), min(top, int(xb[j + 16] * id_ + half)), qh)
+        _put_qh(ob, qh_at, qh)
+        d[b] = db
+
+
+@njit(cache=True, error_model="numpy")
+def _affine_ref(x, qmax, d, m, out, qs_at, qh_at):
+    """Q4_1 / Q5_1: d = (max - min)/qmax, q = (int)((x - min)/d + 0.5) (capped at 15 for Q4_1, as the C)."""
+    top = 15 if qmax == 15 else 255
+    for b in range(x.shape[0]):
+        xb, ob, qh = x[b], out[b], 0
+        lo, hi = xb[0], xb[0]
+        for j in range(1, 32):   # the C's comparisons: on a tie (0.0 vs -0.0) the first one stays
+            lo = xb[j] if xb[j] < lo else lo
+            hi = xb[j] if xb[j] > hi else hi
+        db = (hi - lo) / F32(qmax)
+        id_ = F32(1) / db if db != 0 else F32(0)
+        for j in range(16):
+            q0 = min(top, int((xb[j] - lo) * id_ + F32(0.5)))
+            q1 = min(top, int((xb[j + 16] - lo) * id_ + F32(0.5)))
+            qh = _put_pair(ob, qs_at, qh_at, j, q0, q1, qh)
+        _put_qh(ob, qh_at, qh)
+        d[b], m[b] = db, lo
+
+
+@njit(cache=True, error_model="numpy")
+def _q8_0_ref(x, d, out):
+    """Q8_0: d = max|x|/127, q = roundf(x/d) (half away from zero), stored as int8 from byte 2."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        amax = F32(0)
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))
+        db = amax / F32(127)
+        idb = F32(1) / db if db != 0 else F32(0)
+        for j in range(32):
+            v = xb[j] * idb
+            t = F32(int(v))                                  # roundf without the v + 0.5 rounding trap:
+            out[b, 2 + j] = (int(t) + int(F32(2) * (v - t))) & 0xFF   # trunc(v) + trunc(2·frac(v))
+        d[b] = db
+
+
+class _Legacy(BlockFormat):
+    """Blocks of 32 codes: nibbles at byte ``qs_at``, the Q5 fifth bits at ``qh_at`` (-1: none)."""
 
     bits: int
+    qs_at: int
+    qh_at: int = -1
+
+    def stored_codes(self, data):
+        q = _unpack_nibbles(data[:, self.qs_at:])
+        return q if self.qh_at < 0 else q | (_unpack_high_bits(data[:, self.qh_at:self.qh_at + 4]) << 4)
+
+    def _pack(self, L, out):
+        _pack_codes(np.ascontiguousarray(L, dtype=np.int64), out, self.qs_at, self.qh_at)
+
+
+class _Symmetric(_Legacy):
+    """Q4_0 / Q5_0: x = d·(q - offset), d = signed extreme / -offset."""
+
+    f16_offsets = (0,)
 
     @property
     def offset(self):
         return 1 << (self.bits - 1)
 
-    def codes(self, x, qw, sigma2):
-        if qw is not None:
+    def quantize_blocks(self, x, qw, sigma2):
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        if qw is None:
+            d = np.empty(x.shape[0], F32)
+            _symmetric_ref(np.ascontiguousarray(x, dtype=F32), self.offset, d, out, self.qs_at, self.qh_at)
+        else:
             d, L = make_qx_quants(x, self.offset, _importance(x, qw, sigma2))
-            return d, L.astype(np.int32)
-        d = signed_extreme(x) / F32(-self.offset)
-        q = _trunc(x * _inv(d)[:, None] + F32(self.offset + 0.5))
-        return d, np.minimum(q, 2 * self.offset - 1)
+            self._pack(L, out)
+        f16_field(out, 0)[:] = d
+        return out
 
     def dequantize_blocks(self, data):
-        d = read_f16(data, 0)
-        q = self.stored_codes(data)
-        return ((q - self.offset).astype(F32) * d[:, None]).astype(F32)
+        x = self.stored_codes(data).astype(F32)
+        x -= self.offset              # exact: small integers
+        x *= read_f16(data, 0)[:, None]
+        return x
 
 
 @register
 class Q4_0(_Symmetric):
-    name, bits, ggml_type = "Q4_0", 4, T.Q4_0
-    f16_offsets = (0,)
-
-    def quantize_blocks(self, x, qw, sigma2):
-        d, q = self.codes(x, qw, sigma2)
-        return np.concatenate([f16_bytes(d), _pack_nibbles(q)], axis=1)
-
-    def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 2:])
+    name, bits, ggml_type, qs_at = "Q4_0", 4, T.Q4_0, 2
 
 
 @register
 class Q5_0(_Symmetric):
-    name, bits, ggml_type = "Q5_0", 5, T.Q5_0
-    f16_offsets = (0,)
-
-    def quantize_blocks(self, x, qw, sigma2):
-        d, q = self.codes(x, qw, sigma2)
-        return np.concatenate([f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q & 0xF)], axis=1)
-
-    def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 6:]) | (_unpack_high_bits(data[:, 2:6]) << 4)
+    name, bits, ggml_type, qs_at, qh_at = "Q5_0", 5, T.Q5_0, 6, 2
 
 
-class _Affine(BlockFormat):
+class _Affine(_Legacy):
     """Q4_1 / Q5_1: x = d·q + m, d = (max - min)/(2^bits - 1), m = min."""
 
-    bits: int
+    f16_offsets = (0, 2)
 
-    def codes(self, x, qw, sigma2):
+    def quantize_blocks(self, x, qw, sigma2):
         qmax = (1 << self.bits) - 1
-        if qw is not None:
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        if qw is None:
+            d, m = np.empty(x.shape[0], F32), np.empty(x.shape[0], F32)
+            _affine_ref(np.ascontiguousarray(x, dtype=F32), qmax, d, m, out, self.qs_at, self.qh_at)
+        else:
             d, neg_min, L = make_qkx_quants(x, qmax, _importance(x, qw, sigma2), -0.9, 0.05, 36, False)
-            return d, -neg_min, L.astype(np.int32)
-        lo, hi = x.min(axis=1), x.max(axis=1)
-        d = (hi - lo) / F32(qmax)
-        q = _trunc((x - lo[:, None]) * _inv(d)[:, None] + F32(0.5))
-        return d, lo, (np.minimum(q, qmax) if self.bits == 4 else q)
+            m = -neg_min
+            self._pack(L, out)  # Q5_1: the C stores (uint8_t) codes, then masks nibble and bit 4
+        f16_field(out, 0)[:], f16_field(out, 2)[:] = d, m
+        return out
 
     def dequantize_blocks(self, data):
         d, m = read_f16(data, 0), read_f16(data, 2)
-        q = self.stored_codes(data).astype(F32)
-        return (q * d[:, None] + m[:, None]).astype(F32)
+        x = self.stored_codes(data).astype(F32)
+        x *= d[:, None]   # d·q + m, as two float32 roundings (as the C)
+        x += m[:, None]
+        return x
 
 
 @register
 class Q4_1(_Affine):
-    name, bits, ggml_type = "Q4_1", 4, T.Q4_1
-    f16_offsets = (0, 2)
-
-    def quantize_blocks(self, x, qw, sigma2):
-        d, m, q = self.codes(x, qw, sigma2)
-        return np.concatenate([f16_bytes(d), f16_bytes(m), _pack_nibbles(q)], axis=1)
-
-    def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 4:])
+    name, bits, ggml_type, qs_at = "Q4_1", 4, T.Q4_1, 4
 
 
 @register
 class Q5_1(_Affine):
-    name, bits, ggml_type = "Q5_1", 5, T.Q5_1
-    f16_offsets = (0, 2)
-
-    def quantize_blocks(self, x, qw, sigma2):
-        d, m, q = self.codes(x, qw, sigma2)
-        q = q & 0x1F  # the C stores (uint8_t) then masks nibble and bit 4
-        return np.concatenate([f16_bytes(d), f16_bytes(m), _pack_high_bits(q), _pack_nibbles(q & 0xF)], axis=1)
-
-    def stored_codes(self, data):
-        return _unpack_nibbles(data[:, 8:]) | (_unpack_high_bits(data[:, 4:8]) << 4)
+    name, bits, ggml_type, qs_at, qh_at = "Q5_1", 5, T.Q5_1, 8, 4
 
 
 @register
@@ -168,11 +218,14 @@ class Q8_0(BlockFormat):
     f16_offsets = (0,)
 
     def quantize_blocks(self, x, qw, sigma2):
-        d = np.abs(x).max(axis=1) / F32(127)
-        q = _roundf(x * _inv(d)[:, None]).astype(np.int8)
-        return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=1)
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        d = np.empty(x.shape[0], F32)
+        _q8_0_ref(np.ascontiguousarray(x, dtype=F32), d, out)
+        f16_field(out, 0)[:] = d
+        return out
 
     def dequantize_blocks(self, data):
         d = read_f16(data, 0)
-        q = np.ascontiguousarray(data[:, 2:]).view(np.int8).astype(F32)
-        return (q * d[:, None]).astype(F32)
+        x = data[:, 2:].view(np.int8).astype(F32)
+        x *= d[:, None]
+        return x

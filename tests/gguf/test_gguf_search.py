@@ -47,3 +47,15 @@ def test_q3_descent_improves_the_least_squares_merit():
     l0 = np.clip(np.rint(-4 / search.signed_extreme(x)[:, None] * x), -4, 3)
     merit0 = (w * x * l0).sum(1) ** 2 / (w * l0 * l0).sum(1)
     assert (merit >= merit0 * (1 - 1e-6)).all()
+
+
+def test_seqsum_keeps_leading_dims():
+    t = np.random.default_rng(4).standard_normal((3, 5, 16)).astype(np.float32)
+    assert np.array_equal(search.seqsum(t), search.seqsum(t.reshape(15, 16)).reshape(3, 5))
+
+
+def test_qkx_flat_block_keeps_its_min():
+    """A constant negative block: max == min, so scale 0, levels 0 and the_min = -min (the C's early return)."""
+    x = np.full((1, 32), -2.5, np.float32)
+    s, m, L = search.make_qkx_quants(x, 15, np.ones_like(x), -1.0, 0.1, 20, False)
+    assert s[0] == 0 and m[0] == 2.5 and not L.any()
