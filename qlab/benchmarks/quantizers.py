@@ -9,7 +9,8 @@ Each row times one operation of qlab and of its peer, interleaved (qlab, peer, q
 * plain torch, always present: int8 per channel, int4 g128 asymmetric (min/max, round, pack two nibbles per
   byte), FP8 E4M3 per tensor (torch's own cast), and their decoders;
 * llama.cpp's ``ggml_quantize_chunk`` (through ``qlab.gguf.reference``, when ``make llamacpp-peer`` has
-  built it; single-threaded in llama.cpp whatever the thread count): the GGUF block formats;
+  built it; single-threaded in llama.cpp whatever the thread count): the GGUF block formats, whose qlab
+  encoders (numba loops, ``qlab.gguf.search``) are single-threaded too;
 * the gguf package's decoder for the GGUF formats (numpy).
 
 A peer that is absent is reported as absent. The ratio is qlab's time over the peer's: below 1, qlab is faster.
@@ -140,7 +141,8 @@ def main(argv=None):
         torch.set_num_threads(threads)
         for label, W in tensors:
             df = pd.DataFrame(measure(W, args.repeats))
-            print(f"\n== {label}, torch threads: {threads} (llama.cpp's quantize: 1 thread; gguf decode: numpy)")
+            print(f"\n== {label}, torch threads: {threads} (llama.cpp's quantize and qlab's GGUF encoders: "
+                  f"1 thread; gguf decode: numpy)")
             print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 

@@ -27,7 +27,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.reshape(-1)
     if c.numel():
         lo, hi = torch.aminmax(c)
-        if lo < 0 or hi >= 2**bits:
+        if int(lo) < 0 or int(hi) >= 2**bits:  # as Python ints: 2**8 does not fit a uint8 tensor
             raise ValueError(f"codes must lie in [0, {2**bits}) to be packed in {bits} bits")
     n = c.numel()
     if bits == 8:
@@ -35,8 +35,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits in (1, 2, 4):  # whole codes per byte: the same stream, in byte arithmetic (no 64-bit words)
         per_byte = 8 // bits
         c = torch.nn.functional.pad(c.to(torch.uint8), (0, (-n) % per_byte)).reshape(-1, per_byte)
-        shifts = bits * torch.arange(per_byte, dtype=torch.uint8)
-        return (c << shifts).sum(dim=1, dtype=torch.uint8)
+        out = c[:, 0].clone()
+        for k in range(1, per_byte):  # code k of each byte at bits [k·bits, (k+1)·bits)
+            out |= c[:, k] << (bits * k)
+        return out
     c = c.to(torch.int64)
     if bits == 16:  # two bytes per code, low byte first
         return torch.stack([c & 0xFF, c >> 8], dim=1).reshape(-1).to(torch.uint8)
@@ -46,20 +48,23 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(-1)[: packed_nbytes(n, bits)].to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``n`` codes as int64."""
+def unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``n`` codes as int64 (or ``dtype``: uint8 holds codes of <= 8 bits
+    in an eighth of the memory)."""
     p = packed.reshape(-1)
     if p.numel() != packed_nbytes(n, bits):
         raise ValueError(f"{p.numel()} bytes cannot hold exactly {n} codes of {bits} bits")
+    if dtype == torch.uint8 and bits > 8:
+        raise ValueError(f"{bits}-bit codes do not fit in uint8; unpack them as int64")
     if bits == 8:
-        return p.to(torch.int64)
-    if bits in (1, 2, 4):  # whole codes per byte: byte arithmetic, one int64 conversion at the end
+        return p.to(dtype)
+    if bits in (1, 2, 4):  # whole codes per byte: byte arithmetic, one conversion at the end
         shifts = bits * torch.arange(8 // bits, dtype=torch.uint8)
-        return ((p.to(torch.uint8)[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:n].to(torch.int64)
+        return ((p.to(torch.uint8)[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:n].to(dtype)
     if bits == 16:
         p = p.to(torch.int64).reshape(-1, 2)
         return p[:, 0] | (p[:, 1] << 8)
     p = torch.nn.functional.pad(p.to(torch.int64), (0, (-p.numel()) % bits)).reshape(-1, bits)
     word = (p << (8 * torch.arange(bits))).sum(dim=1)
     codes = (word[:, None] >> (bits * torch.arange(8))) & (2**bits - 1)
-    return codes.reshape(-1)[:n]
+    return codes.reshape(-1)[:n].to(dtype)

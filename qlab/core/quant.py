@@ -161,8 +161,9 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None, minimum=None
     grid, gran = spec.grid, spec.granularity
     G, mask = gran.to_groups(x.detach().float())
     scale, zero_point, minimum, stored_scale, scale_offset, _ = _qparams(G, mask, spec, scale, zero_point, minimum)
-    Q = _scales.quantize_groups(G, scale, zero_point, grid, minimum)
-    codes = gran.from_groups(grid.encode(Q), x.shape)
+    X = _scales.scaled_groups(G, scale, zero_point, minimum)  # a fresh tensor: codes = encode(round(X)) in place
+    codes = grid.encode_nearest(X, torch.uint8 if grid.bits <= 8 else torch.int64, overwrite=True)
+    codes = gran.from_groups(codes, x.shape)
     scale_shape = gran.scale_shape(tuple(x.shape))
     if not isinstance(stored_scale, QuantizedTensor):
         stored_scale = stored_scale.to(SCALE_DTYPES[spec.scale_dtype]).reshape(scale_shape)

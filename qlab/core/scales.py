@@ -26,7 +26,8 @@ def _masked(G, mask, fill):
 
 
 def absmax(G, mask, grid):
-    return G.abs().amax(dim=1) / grid.max_abs, None
+    # max|x| = max(-min x, max x): two vectorised reductions, no |G| copy (aminmax(dim=1) is ~40x slower)
+    return torch.maximum(-G.amin(dim=1), G.amax(dim=1)) / grid.max_abs, None
 
 
 def minmax(G, mask, grid):
@@ -100,23 +101,36 @@ def mse(G, mask, grid, symmetric, cast_scale, coarse=40, fine=21, min_ratio=0.01
     return best_scale, best_zp
 
 
+def _then(op, fresh, other):
+    """``op(fresh, other)``, in place on ``fresh`` (a temporary of ours) unless the result needs a wider dtype:
+    the same numbers as the out-of-place op, without allocating another tensor of G's size."""
+    if torch.result_type(fresh, other) == fresh.dtype:
+        return getattr(fresh, op + "_")(other)
+    return getattr(torch, op)(fresh, other)
+
+
+def scaled_groups(G, scale, zero_point, minimum=None):
+    """x / scale + zero_point (or (x - minimum) / scale), one scale per row of G: what the grid rounds."""
+    if minimum is not None:
+        return _then("div", G - minimum[:, None], scale[:, None])
+    x = G / scale[:, None]
+    if zero_point is not None:
+        x = _then("add", x, zero_point[:, None])
+    return x
+
+
 def quantize_groups(G, scale, zero_point, grid, minimum=None):
     """Grid values q = grid.round(x / scale + zero_point) (or grid.round((x - minimum) / scale) on the
     unsigned grids that float minima use), one scale per row of G."""
-    if minimum is not None:
-        return grid.round((G - minimum[:, None]) / scale[:, None])
-    x = G / scale[:, None]
-    if zero_point is not None:
-        x = x + zero_point[:, None]
-    return grid.round(x)
+    return grid.round(scaled_groups(G, scale, zero_point, minimum))
 
 
 def dequantize_groups(Q, scale, zero_point, minimum=None):
     """x_hat = scale * (q - zero_point)   (or scale * q + minimum)."""
     if minimum is not None:
-        return Q * scale[:, None] + minimum[:, None]
+        return _then("add", Q * scale[:, None], minimum[:, None])
     if zero_point is not None:
-        Q = Q - zero_point[:, None]
+        return _then("mul", Q - zero_point[:, None], scale[:, None])
     return Q * scale[:, None]
 
 

@@ -122,7 +122,9 @@ class QuantizedTensor:
 
     def values(self) -> torch.Tensor:
         """Grid values q of the codes (before scaling), in the tensor's shape."""
-        return self.spec.grid.decode(self.codes())
+        bits = self.spec.bits  # codes of <= 8 bits unpack to uint8: an eighth of int64's memory
+        codes = unpack(self.packed, bits, self.numel, torch.uint8 if bits <= 8 else torch.int64)
+        return self.spec.grid.decode(codes.reshape(self.shape))
 
     def dequantize(self) -> torch.Tensor:
         gran = self.spec.granularity

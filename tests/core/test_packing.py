@@ -29,3 +29,17 @@ def test_rejects_codes_out_of_range_and_odd_widths():
         pack(torch.tensor([16]), 4)
     with pytest.raises(ValueError, match="1 to 8 or 16"):
         pack(torch.tensor([1]), 12)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_unpack_to_uint8_is_the_same_codes(bits, gen):
+    codes = torch.randint(0, 2**bits, (1001,), generator=gen)
+    packed = pack(codes.to(torch.uint8), bits)
+    assert torch.equal(packed, pack(codes, bits))            # uint8 codes pack like int64 ones
+    small = unpack(packed, bits, 1001, torch.uint8)
+    assert small.dtype == torch.uint8 and torch.equal(small.to(torch.int64), codes)
+
+
+def test_unpack_refuses_uint8_for_16_bit_codes():
+    with pytest.raises(ValueError, match="do not fit in uint8"):
+        unpack(pack(torch.tensor([300]), 16), 16, 1, torch.uint8)

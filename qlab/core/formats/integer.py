@@ -50,10 +50,17 @@ class IntGrid:
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest integer (ties to even, like torch.round), clamped to [qmin, qmax]."""
-        return torch.clamp(torch.round(x), self.qmin, self.qmax)
+        return torch.round(x).clamp_(self.qmin, self.qmax)  # in place on round's fresh tensor
 
-    def encode(self, values: torch.Tensor) -> torch.Tensor:
-        return values.to(torch.int64) - self.qmin
+    def encode_nearest(self, x: torch.Tensor, dtype: torch.dtype = torch.int64, overwrite: bool = False) -> torch.Tensor:
+        """The code of the nearest grid value: encode(round(x)). ``overwrite=True`` rounds in place in x (a
+        float temporary the caller no longer needs), saving a tensor of x's size."""
+        q = torch.round(x, out=x) if overwrite else torch.round(x)
+        return q.clamp_(self.qmin, self.qmax).sub_(self.qmin).to(dtype)
+
+    def encode(self, values: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Codes q - qmin of grid values q, as ``dtype`` (uint8 holds every code: grids have <= 8 bits)."""
+        return (values - self.qmin).to(dtype)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes.to(torch.int64) + self.qmin).to(torch.float32)
+        return codes.to(torch.float32, copy=True).add_(self.qmin)  # exact: codes and qmin are small integers

@@ -62,14 +62,14 @@ class TableGrid:
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode_nearest(x))
 
-    def encode_nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest level: count the midpoints below x."""
+    def encode_nearest(self, x: torch.Tensor, dtype: torch.dtype = torch.int64, overwrite: bool = False) -> torch.Tensor:
+        """Index of the nearest level: count the midpoints below x (``overwrite``: unused, x is only read)."""
         levels = self.levels
         midpoints = (levels[1:] + levels[:-1]) / 2
-        return torch.searchsorted(midpoints, x.float().contiguous())
+        return torch.searchsorted(midpoints, x.float().contiguous()).to(dtype)
 
-    def encode(self, values: torch.Tensor) -> torch.Tensor:
-        return self.encode_nearest(values)
+    def encode(self, values: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return self.encode_nearest(values).to(dtype)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.levels[codes.to(torch.int64)]
