@@ -81,7 +81,7 @@ class FloatGrid:
         torch's cast. ``overwrite=True`` saturates in place in x (a float32 temporary the caller no longer needs)."""
         torch_dtype = TORCH_DTYPES.get(self.name)
         if torch_dtype is not None and self.bits == 8:
-            x = x.clamp_(-self.max, self.max) if overwrite and x.dtype == torch.float32 else \
+            x = x.clamp_(-self.max, self.max) if overwrite and not x.requires_grad and x.dtype == torch.float32 else \
                 torch.clamp(x.float(), -self.max, self.max)
             return x.to(torch_dtype).view(torch.uint8).to(dtype)
         return self.encode(self.round(x), dtype)

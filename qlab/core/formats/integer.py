@@ -54,8 +54,8 @@ class IntGrid:
 
     def encode_nearest(self, x: torch.Tensor, dtype: torch.dtype = torch.int64, overwrite: bool = False) -> torch.Tensor:
         """The code of the nearest grid value: encode(round(x)). ``overwrite=True`` rounds in place in x (a
-        float temporary the caller no longer needs), saving a tensor of x's size."""
-        q = torch.round(x, out=x) if overwrite else torch.round(x)
+        float temporary the caller no longer needs), saving a tensor of x's size; never when x needs a gradient."""
+        q = torch.round(x, out=x) if overwrite and not x.requires_grad else torch.round(x)
         return q.clamp_(self.qmin, self.qmax).sub_(self.qmin).to(dtype)
 
     def encode(self, values: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
