@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env browser test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers
+.PHONY: env browser test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers qat-peer bench-qat
 
 env: $(STAMP)
 
@@ -107,6 +107,18 @@ gptqmodel-peer:
 	test -x $(PEERS)/gptqmodel/bin/python || $(PYTHON) -m venv $(PEERS)/gptqmodel
 	$(PEERS)/gptqmodel/bin/python -m pip install -q --upgrade pip
 	$(PEERS)/gptqmodel/bin/pip install -q -c $(PEERS)/constraints.txt "$(TORCH)" gptqmodel==7.6.0
+
+# torchao's QAT peer (issue 13) in its own venv beside the repository, torch pinned
+qat-peer:
+	@mkdir -p $(PEERS)
+	echo "$(TORCH)" > $(PEERS)/constraints.txt
+	test -x $(PEERS)/torchao/bin/python || $(PYTHON) -m venv $(PEERS)/torchao
+	$(PEERS)/torchao/bin/pip install -q -c $(PEERS)/constraints.txt "$(TORCH)" "torchao==0.18.*" transformers==5.24.0 gguf safetensors tqdm
+
+# QAT of the embedded model vs RTN, a float control and torchao; BitNet b1.58 at tiny sizes (results/qat, results/bitnet)
+bench-qat: env
+	QLAB_TORCHAO_PEER=$(PEERS)/torchao OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.qat --configs int4-g64,float,int3,torchao-int4-g64,ternary-ptq --steps 12 --seq-len 128 --batch 2 --lr 1e-4 --warmup 2 --eval-windows 4 --every 3
+	OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.bitnet --sizes S,M --steps 200
 
 # qlab's GPTQ / RTN / NF4 next to the peers: same model, windows and evaluation, one thread each (about 1 h)
 bench-peers: env
