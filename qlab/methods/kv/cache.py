@@ -11,7 +11,8 @@ and the same for values. What is stored, per layer (x is [batch, kv_heads, T, he
 * :class:`FP8` ``granularity='token'``: E4M3 codes, one fp32 scale per token and head,
   scale = absmax(x_t) / 448 (448 = E4M3's largest normal). ``'tensor'``: one static scale per cache
   side and layer, given at construction (vLLM's ``k_scale`` / ``v_scale``; :func:`calibrate_fp8` measures
-  them); values beyond 448 * scale saturate, as vLLM's cast does.
+  them); values beyond 448 * scale saturate, as vLLM's cast does. Codes are written and read back by the FP8
+  kernels of ``qlab.kernels.fp8`` (``backend``: Triton, its interpreter, or the torch reference).
 * :class:`KIVI` (sec. 3): keys per channel in groups of G consecutive tokens, values per token in
   groups of G channels, 2 or 4 bits asymmetric with a float minimum (``kivi_spec``), on the KIVI kernel
   (``quantize_kv``). The R most recent tokens stay in full precision; keys leave that window a whole
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from qlab.kernels.fp8 import dequantize_fp8, quantize_fp8
 from qlab.methods.kv.gear import gear_compress
 from qlab.methods.kv.kivi import concat_tokens, dequantize_kv, quantize_kv
 
@@ -52,6 +54,7 @@ class FP8:
     granularity: str = "token"
     k_scale: float | tuple | None = None
     v_scale: float | tuple | None = None
+    backend: str | None = None  # kernel backend of qlab.kernels.fp8 (see qlab.kernels.dispatch)
 
     def __post_init__(self):
         if self.granularity not in ("token", "tensor"):
@@ -72,9 +75,9 @@ class FP8:
         return s[layer_idx] if isinstance(s, tuple) else s
 
     def __str__(self):
-        if self.granularity == "token":
-            return "fp8-token"
-        return "fp8-tensor-per-layer" if isinstance(self.k_scale, tuple) else "fp8-tensor"
+        name = "fp8-token" if self.granularity == "token" else (
+            "fp8-tensor-per-layer" if isinstance(self.k_scale, tuple) else "fp8-tensor")
+        return name + (f"-{self.backend}" if self.backend else "")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ class GEAR:
     values leave the window of ``residual`` (R) tokens a whole block of G at a time (GEAR's streaming buffer), so
     each block gets its own S and L. ``use_sparse`` / ``use_lowrank`` switch S / L off for the ablation:
     Q, Q+L, Q+S, Q+L+S.
+
+    Cheaper storage: ``scale_dtype='fp16'`` halves Q's statistics; ``block_size`` (a multiple of G, default G)
+    makes tokens wait in the float window until at least that many are past it, so each block, and its L, is
+    longer (L costs 16 r (n + D) / (n D) bits per value for a block of n tokens), at the price of a float window
+    of up to R + block_size - 1 tokens. A chunked prefill already flushes a whole chunk as one block.
     """
 
     bits: int = 2
@@ -125,12 +133,20 @@ class GEAR:
     use_lowrank: bool = True
     seed: int = 0
     backend: str | None = None  # kernel backend of the KIVI quantizer, see qlab.kernels.dispatch
+    scale_dtype: str = "fp32"  # Q's scales and minima: 'fp32' or 'fp16'
+    block_size: int | None = None  # tokens that leave the float window together (at least); None: group_size
 
     def __post_init__(self):
         try:
             KIVI(self.bits, self.group_size, self.residual)  # Q is KIVI's: the same rules for bits, G and R
         except ValueError as e:
             raise ValueError(f"GEAR's Q: {e}") from None
+        if self.scale_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"scale_dtype must be 'fp32' or 'fp16', got {self.scale_dtype!r}")
+        b = self.block_size
+        if b is not None and (not isinstance(b, int) or b < 1 or b % self.group_size):
+            raise ValueError(f"block_size must be a positive multiple of group_size={self.group_size} (or None), "
+                             f"got {b!r}")
         if not 0 <= self.outlier_ratio < 1:
             raise ValueError(f"outlier_ratio is the fraction of entries kept exact, in [0, 1), "
                              f"got {self.outlier_ratio!r}")
@@ -148,6 +164,7 @@ class GEAR:
     def __str__(self):
         extra = (f"-l{self.rank}" if "L" in self.parts else "") + (
             f"-s{self.outlier_ratio:g}" if "S" in self.parts else "") + (f"-{self.backend}" if self.backend else "")
+        extra += ("-sfp16" if self.scale_dtype == "fp16" else "") + (f"-b{self.block_size}" if self.block_size else "")
         return f"gear{self.bits}-g{self.group_size}-r{self.residual}{extra}"
 
 
@@ -163,7 +180,7 @@ def _held(t: torch.Tensor) -> int:
 
 
 class FP8Store:
-    """E4M3 codes [B, H, T, D] and fp32 scales [B, H, T, 1] (per token) or one scalar (per tensor), per side."""
+    """E4M3 codes [B, H, T, D] and fp32 scales [B, H, T] (per token) or [1] (per tensor), per side."""
 
     def __init__(self, method: FP8, layer_idx: int = 0):
         self.method, self.layer_idx = method, layer_idx
@@ -171,13 +188,12 @@ class FP8Store:
         self.scales = {"k": None, "v": None}
 
     def _quantize(self, x: torch.Tensor, side: str):
-        if self.method.granularity == "token":
-            scale = x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX  # one scale per token and head
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero token: any scale
-        else:
-            scale = torch.tensor(self.method.scale(side, self.layer_idx), dtype=torch.float32)
-        codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # saturate, never NaN
-        return codes, scale
+        """Through the FP8 kernel: per token, scale = absmax over head_dim / 448 (1 for an all-zero token);
+        per tensor, the static scale; codes = e4m3(clamp(x / scale, -448, 448)), saturating, never NaN."""
+        m = self.method
+        if m.granularity == "token":  # one scale per token and head: [B, H, T]
+            return quantize_fp8(x, "token", backend=m.backend)
+        return quantize_fp8(x, "tensor", backend=m.backend, scale=m.scale(side, self.layer_idx))  # scale [1]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor):
         for side, x in (("k", keys), ("v", values)):
@@ -186,17 +202,21 @@ class FP8Store:
             self.codes[side] = codes if old is None else torch.cat([old, codes], dim=-2)
             if self.method.granularity == "token":
                 old = self.scales[side]
-                self.scales[side] = scale if old is None else torch.cat([old, scale], dim=-2)
+                self.scales[side] = scale if old is None else torch.cat([old, scale], dim=-1)
             else:
                 self.scales[side] = scale
 
     def read(self, dtype):
         if self.codes["k"] is None:
             return None, None
-        return tuple((self.codes[s].float() * self.scales[s]).to(dtype) for s in ("k", "v"))
+        return tuple(dequantize_fp8(self.codes[s], self.scales[s], dtype, backend=self.method.backend)
+                     for s in ("k", "v"))
 
     def nbytes(self) -> int:
         return sum(_held(t) for t in [*self.codes.values(), *self.scales.values()] if t is not None)
+
+    def float_window(self) -> list:
+        return []  # every token is stored as E4M3 codes
 
 
 class KIVIStore:
@@ -242,7 +262,11 @@ class KIVIStore:
 
     def nbytes(self) -> int:
         quantized = [t for q in self.quantized.values() if q is not None for t in (q.packed, q.scale, q.minimum)]
-        return sum(_held(t) for t in quantized + [r for r in self.residual.values() if r is not None])
+        return sum(_held(t) for t in quantized + self.float_window())
+
+    def float_window(self) -> list:
+        """The full-precision residual tensors (keys, values) held beside the codes."""
+        return [r for r in self.residual.values() if r is not None]
 
 
 class GEARStore:
@@ -260,11 +284,12 @@ class GEARStore:
             r = x.clone() if old is None else torch.cat([old, x], dim=-2)
             over = max(r.shape[-2] - m.residual, 0)
             over -= over % m.group_size  # whole blocks of G tokens leave the window
-            if over:
+            if over >= (m.block_size or m.group_size):
                 which = "key" if side == "k" else "value"
                 self.blocks[side].append(gear_compress(
                     r[..., :over, :], which, m.bits, m.group_size, m.outlier_ratio if m.use_sparse else 0.0,
-                    m.rank if m.use_lowrank else 0, m.power_iters, m.seed, backend=m.backend))
+                    m.rank if m.use_lowrank else 0, m.power_iters, m.seed, backend=m.backend,
+                    scale_dtype=m.scale_dtype))
                 r = r[..., over:, :].clone()  # clone: a view would keep the whole old buffer alive
             self.residual[side] = r
 
@@ -276,7 +301,11 @@ class GEARStore:
 
     def nbytes(self) -> int:
         held = [t for side in ("k", "v") for b in self.blocks[side] for t in b.tensors()]
-        return sum(_held(t) for t in held + [r for r in self.residual.values() if r is not None])
+        return sum(_held(t) for t in held + self.float_window())
+
+    def float_window(self) -> list:
+        """The full-precision residual tensors (keys, values) held beside the blocks."""
+        return [r for r in self.residual.values() if r is not None]
 
 
 STORES = {FP8: FP8Store, KIVI: KIVIStore, GEAR: GEARStore}  # method config -> what a layer holds
@@ -297,7 +326,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states, value_states):
-        self.device, self.dtype = key_states.device, key_states.dtype
+        self.device, self.dtype, self.batch = key_states.device, key_states.dtype, key_states.shape[0]
         self.is_initialized = True
 
     def _check(self, key_states, value_states):
@@ -367,6 +396,25 @@ class QuantizedKVCache(Cache):
         """The bytes the cache really holds: codes, scales, minima, outliers, low-rank factors and full-precision
         residuals, all layers."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def footprint(self) -> dict:
+        """Bytes and key/value entries held, split into the quantized part and the full-precision window.
+
+        ``bits_quantized`` = 8 x bytes of codes, scales, outliers, factors / the entries they stand for (the
+        format's cost); ``bits_held`` = 8 x all bytes / all entries (what a cache of this length really costs,
+        its float window included, in the model's dtype).
+        """
+        window = [t for layer in self.layers for t in layer.store.float_window()]
+        float_bytes = sum(_held(t) for t in window)
+        float_values = sum(t.numel() for t in window)
+        layer = self.layers[0]
+        batch = layer.batch if layer.is_initialized else 0
+        values = 2 * len(self.layers) * layer.kv_heads * layer.head_dim * self.get_seq_length() * batch
+        total = self.nbytes()
+        return {"bytes": total, "values": values, "float_bytes": float_bytes, "float_values": float_values,
+                "bits_held": 8 * total / values if values else float("nan"),
+                "bits_quantized": (8 * (total - float_bytes) / (values - float_values) if values > float_values
+                                   else float("nan"))}
 
     def __repr__(self):
         return f"QuantizedKVCache({self.method}, {len(self.layers)} layers, {self.get_seq_length()} tokens)"

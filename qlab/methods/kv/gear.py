@@ -8,6 +8,12 @@ A block of keys or values X [n, D] (one head) is stored as three parts and read 
     L     = A @ B ~ R                 rank r, by power iteration: A [n, r], B [r, D], both fp16
     X_hat = Q + S + L
 
+Q's scales and minima may be stored fp16 (``scale_dtype='fp16'``, as a half-precision model's cache would): they are
+rounded first and R is the error left after the *rounded* ones, so L corrects what is really read back.
+Storage per value of a block of n tokens x D channels: b bits of codes, 2 x 8 x stat bytes / G of Q's
+statistics, 32 s bits of S (fp16 value + int16 position), 16 r (n + D) / (n D) bits of L; longer blocks make
+L cheaper (n = 32, D = 64, r = 2: 1.5 bits; n = 256: 0.63 bits).
+
 so the few outliers no longer stretch the quantization groups (S), and the error's dominant directions,
 which the KV rows share, come back (L). The paper's defaults: s = 2%, b = 2 or 4, r = 2-4, a few
 power iterations (its scripts run 3 with rank 4 at prefill and 2 while decoding).
@@ -22,7 +28,7 @@ of each head's [n, D] block and its places hold 0 in X - S, exactly the paper's 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,7 +89,7 @@ class GEARBlock:
 
     def dequantize(self, dtype=torch.float32, backend: str | None = None) -> torch.Tensor:
         """X_hat = Q + L + S as a dense [..., n, D] tensor (summed in fp32)."""
-        x = dequantize_kv(self.q, torch.float32, backend=backend)
+        x = dequantize_kv(_fp32_stats(self.q), torch.float32, backend=backend)
         if self.a is not None:
             x = x + self.a.float() @ self.b.float()
         if self.s_values is not None:
@@ -101,12 +107,26 @@ class GEARBlock:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+def _fp32_stats(q: KVQuantized) -> KVQuantized:
+    """``q`` with its (possibly fp16) scales and minima widened to the fp32 the kernel reads (exact)."""
+    if q.scale.dtype == torch.float32:
+        return q
+    return replace(q, scale=q.scale.float(), minimum=q.minimum.float())
+
+
+STAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
 def gear_compress(x: torch.Tensor, which: str, bits: int = 2, group_size: int = 32, outlier_ratio: float = 0.02,
-                  rank: int = 2, power_iters: int = 3, seed: int = 0, backend: str | None = None) -> GEARBlock:
+                  rank: int = 2, power_iters: int = 3, seed: int = 0, backend: str | None = None,
+                  scale_dtype: str = "fp32") -> GEARBlock:
     """Compress keys (``which='key'``) or values [..., n, D] as GEAR (alg. 1); ratio 0 / rank 0 drop S / L.
 
-    With ``outlier_ratio=0`` and ``rank=0`` this is KIVI's quantizer (``quantize_kv``) alone.
+    With ``outlier_ratio=0``, ``rank=0`` and fp32 stats this is KIVI's quantizer (``quantize_kv``) alone;
+    ``scale_dtype='fp16'`` stores Q's scales and minima in half precision.
     """
+    if scale_dtype not in STAT_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {list(STAT_DTYPES)}, got {scale_dtype!r}")
     x = x.float()
     s_values = s_index = a = b = None
     dense_s = torch.zeros_like(x)
@@ -115,8 +135,12 @@ def gear_compress(x: torch.Tensor, which: str, bits: int = 2, group_size: int = 
         shape = x.shape
         dense_s = dense_s.reshape(*shape[:-2], -1).scatter(-1, s_index.long(), s_values.float()).reshape(shape)
     q = quantize_kv(x - dense_s, which, bits, group_size, backend=backend)  # Q(X - S)
+    if scale_dtype == "fp16":  # codes stay; the statistics are rounded, and what L corrects includes that rounding
+        if max(float(q.scale.abs().max()), float(q.minimum.abs().max())) > FP16_MAX:
+            raise ValueError(f"GEAR's scales or minima exceed fp16's range ({FP16_MAX}); use scale_dtype='fp32'")
+        q = replace(q, scale=q.scale.half(), minimum=q.minimum.half())
     if rank > 0:
-        R = x - dense_s - dequantize_kv(q, torch.float32, backend=backend)  # the error left after Q and S
+        R = x - dense_s - dequantize_kv(_fp32_stats(q), torch.float32, backend=backend)  # the error after Q and S
         A, B = power_iteration(R, rank, power_iters, seed)
         a, b = A.to(torch.float16).contiguous(), B.to(torch.float16).contiguous()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):

@@ -148,6 +148,23 @@ def test_kernel_backend_reads_back_what_torch_does(model):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", [FP8(backend="interpret"), FP8("tensor", k_scale=0.002, v_scale=0.001,
+                                                                  backend="interpret")], ids=str)
+def test_fp8_kernel_backend_reads_back_what_torch_does(model, method):
+    """The FP8 cache through the FP8 Triton kernels (quantize and decode, interpreted on a CPU): the same codes,
+    scales and logits as the torch reference, bit for bit."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(8))
+    kernel, ref = (QuantizedKVCache(m, model.config) for m in (method, replace(method, backend="torch")))
+    got, want = chunked_logits(model, ids, kernel, 4), chunked_logits(model, ids, ref, 4)
+    assert torch.equal(got, want)
+    for a, b in zip(kernel.layers, ref.layers):
+        assert torch.equal(a.store.codes["k"].view(torch.uint8), b.store.codes["k"].view(torch.uint8))
+        assert torch.equal(a.store.scales["v"], b.store.scales["v"])
+
+
 def test_bytes_held_counted_by_hand():
     """SmolLM2's layout (3 KV heads x 64), 517 tokens, KIVI-2, G = 32, R = 0: 512 keys quantized + 5 in float."""
     layer = QuantizedKVLayer(KIVI(2, 32, 0), kv_heads=3, head_dim=64)

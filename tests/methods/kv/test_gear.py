@@ -177,7 +177,7 @@ def bytes_by_hand(method: GEAR, blocks: list, t: int, kv_heads: int, head_dim: i
         for n in blocks:
             codes = n * kv_heads * head_dim * method.bits // 8
             groups = (n // method.group_size) * head_dim if which == "key" else n * (head_dim // method.group_size)
-            stats = groups * kv_heads * 2 * 4
+            stats = groups * kv_heads * 2 * (2 if method.scale_dtype == "fp16" else 4)
             k = int(method.outlier_ratio * n * head_dim) if method.use_sparse else 0
             sparse = k * kv_heads * (2 + 2)
             r = method.rank if method.use_lowrank else 0
@@ -207,6 +207,40 @@ def test_bytes_held_counted_by_hand():
         layer = QuantizedKVLayer(m, kv_heads=3, head_dim=64)
         layer.update(torch.randn(1, 3, 100, 64), torch.randn(1, 3, 100, 64))
         assert layer.nbytes() == bytes_by_hand(m, [64], 100, 3, 64), parts
+
+
+def test_fp16_statistics_and_longer_blocks():
+    """scale_dtype='fp16': the codes of the fp32 quantizer, its scales and minima rounded to fp16, and L fit to the
+    error left after the rounded ones; block_size=12 (G = 4, R = 8): tokens fed one at a time leave the float
+    window 12 at a time, and the bytes are the hand count's with 2-byte statistics."""
+    x = planted("key", seed=5)
+    wide = gear_compress(x, "key", 2, 8, 0.02, 0)
+    half = gear_compress(x, "key", 2, 8, 0.02, 0, scale_dtype="fp16")
+    assert torch.equal(half.q.packed, wide.q.packed) and half.q.scale.dtype == torch.float16
+    assert torch.equal(half.q.scale, wide.q.scale.half()) and torch.equal(half.q.minimum, wide.q.minimum.half())
+    S = torch.zeros(1, 2, 64 * 32).scatter(-1, half.s_index.long(), half.s_values.float()).reshape(x.shape)
+    rounded = quantize((x - S).contiguous(), kivi_spec("key", 2, 8))
+    rounded.scale, rounded.minimum = rounded.scale.half().float(), rounded.minimum.half().float()
+    torch.testing.assert_close(half.dequantize(), S + dequantize(rounded), rtol=1e-6, atol=1e-6)
+    with_l = gear_compress(x, "key", 2, 8, 0.02, 2, scale_dtype="fp16")
+    R = x - S - dequantize(rounded)
+    A = with_l.a.float()
+    torch.testing.assert_close(with_l.a.float() @ with_l.b.float(), A @ A.transpose(-1, -2) @ R, rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        gear_compress(x, "key", scale_dtype="bf16")
+
+    method = GEAR(2, 4, 8, block_size=12, scale_dtype="fp16")
+    layer = QuantizedKVLayer(method, kv_heads=3, head_dim=16)
+    g = torch.Generator().manual_seed(8)
+    for t in range(1, 41):
+        layer.update(torch.randn(1, 3, 1, 16, generator=g), torch.randn(1, 3, 1, 16, generator=g))
+        held = sum(b.q.shape[-2] for b in layer.store.blocks["k"])
+        assert held == (max(t - 8, 0) // 12) * 12, t  # a block of 12 as soon as 12 tokens are past the window
+    assert [b.q.shape[-2] for b in layer.store.blocks["v"]] == [12, 12]
+    assert layer.nbytes() == bytes_by_hand(method, [12, 12], 40, 3, 16)
+    assert str(method) == "gear2-g4-r8-l2-s0.02-sfp16-b12"
+    with pytest.raises(ValueError, match="block_size must be a positive multiple of group_size=4"):
+        GEAR(2, 4, 8, block_size=6)
 
 
 @pytest.mark.parametrize("parts", list(ABLATION))
