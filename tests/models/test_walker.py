@@ -111,6 +111,7 @@ ALL_METHODS = {
     "smoothquant": {"method": "smoothquant", "spec": "int8-channel-sym-absmax", "alpha": 0.5, "act": "static"},
     "llm_int8": "llm_int8:int8-channel-sym-absmax",
     "quip": "quip:e8p",
+    "aqlm": {"method": "aqlm", "spec": "1x8", "beam_size": 2, "rounds": 1, "adam_steps": 2, "kmeans_iters": 2},
 }
 
 
@@ -190,8 +191,8 @@ def test_one_walker_on_the_embedded_model(embedded):
     for method, value in ALL_METHODS.items():
         if method == "gguf":
             value = "q4_1"  # the checkpoint's own format: 576-wide rows take legacy blocks
-        if method == "quip":
-            continue  # tests/methods/weight/test_quip.py runs it on a real layer (about 3 s per layer here)
+        if method in ("quip", "aqlm"):
+            continue  # 2 and 1 bits per weight: their own tests run them on real layers (about 3 s per layer here)
         q, report = walker.quantize_model(model, {"model.layers.0.*": value, "model.layers.1.*": value}, calib)
         assert len(report.qtensors) == 14, method
         logp, logq = ref.log_softmax(-1), q(x).logits.log_softmax(-1)
