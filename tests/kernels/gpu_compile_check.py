@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from qlab import quantize  # noqa: E402
-from qlab.kernels import dispatch, fp8, hadamard, int8, kivi, nf4, ternary, w4a16  # noqa: E402
+from qlab.kernels import codebook, dispatch, fp8, hadamard, int8, kivi, nf4, ternary, w4a16  # noqa: E402
 
 FULL = "--full" in sys.argv
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)] if FULL else [GPUTarget("cuda", 80, 32)]
@@ -87,6 +87,9 @@ def main() -> int:
     int8.int8_matmul(qx, qx)
     for granularity in ("token", "tensor"):
         fp8.quantize_fp8(x, granularity)
+    q, s = fp8.quantize_fp8(x, "token")  # the KV cache's decode and static-scale launches
+    fp8.dequantize_fp8(q, s, torch.float16)
+    fp8.quantize_fp8(x, "tensor", scale=0.01)
     for n in (1, 4096) if not FULL else (1, 2, 256, 4096):
         hadamard.hadamard_transform(torch.randn(4, n, generator=gen), hadamard.random_signs(n))
     w = nf4.nf4_quantize(W)
@@ -96,6 +99,11 @@ def main() -> int:
         for kind in ("key", "value"):
             kivi.kivi_quantize(x.reshape(2, 16, 256), bits, 16, kind)
             kivi.kivi_dequantize(kivi.kivi_quantize_reference(x.reshape(2, 16, 256), bits, 16, kind), torch.float16)
+    codes = torch.randint(256, (2, 64, 32), generator=gen)  # AQLM 2x8 over K = 256
+    books = torch.randn(2, 256, 8, generator=gen).half()
+    for dtype in (torch.float16, torch.float32):
+        for m in (1, 32):
+            codebook.codebook_matmul(torch.randn(m, 256, generator=gen).to(dtype), codes, books, books[0, :64, 0])
     try:  # this process imported Triton in compiled mode: the interpreter must refuse, clearly
         hadamard._fwht_kernel._build("interpret")
         print("interpreter: not refused")

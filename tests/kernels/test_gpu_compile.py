@@ -19,5 +19,5 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
     *_, refusal, line = out.stdout.strip().splitlines()
     assert refusal.startswith("interpreter: Triton was imported before TRITON_INTERPRET=1 was set")
     for name in ("_gemm_kernel", "_gemv_kernel", "_matmul_kernel", "_quantize_kernel", "_absmax_kernel",
-                 "_dequantize_kernel", "_fwht_kernel"):
+                 "_dequantize_kernel", "_fwht_kernel", "_codebook_kernel"):
         assert name in line, line
