@@ -44,6 +44,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -379,13 +380,18 @@ def run_all(teacher, tokenizer, runs: list[QATRun], out_dir, runs_dir=None, prot
         elif run.name.startswith(PEER_PREFIX):
             from qlab.models import EMBEDDED, cache_dir
 
+            try:
+                peer_python()
+            except ValueError as e:  # a user without the peer venv still gets qlab's rows
+                warnings.warn(f"{run.name} skipped: {e}", stacklevel=2)
+                continue
             row = torchao_row(teacher, windows, reference, run, runs_dir, cache_dir() / EMBEDDED,
                               threads=torch.get_num_threads())
         else:
             row = run_one(teacher, windows, reference, run, runs_dir, progress, every)
         row.update(protocol=protocol.describe(), split=check_split(protocol))
         _write_json(out_dir / f"{run.name}.json", row)
-    return [json.loads((out_dir / f"{r.name}.json").read_text()) for r in runs]
+    return [json.loads((out_dir / f"{r.name}.json").read_text()) for r in runs if (out_dir / f"{r.name}.json").exists()]
 
 
 def table(rows: list[dict]):
