@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qlab.core.atomic import write_json
 from qlab.methods.train import BitLinear, bitnet_model, pack_trits, train, unpack_trits
 from qlab.models import REPO_ROOT
 from qlab.models.data import load_wikitext2, split_documents, token_windows, tokenize
@@ -219,12 +219,6 @@ def ternary_bytes(model) -> dict:
 
 
 # ---- a run -----------------------------------------------------------------------------------------------
-def _write_json(path: Path, row: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, path)
-
-
 def run_one(run: BitNetRun, train_windows, heldout, folder=None, progress: bool = True, every: int = 50) -> dict:
     """Train one (size, arm) on ``train_windows`` (batches in order, wrapping), evaluate on ``heldout``."""
     model = build(run)
@@ -267,7 +261,7 @@ def run_all(runs: list[BitNetRun], tokenizer, out_dir, runs_dir=None, progress: 
             folder = None if runs_dir is None else Path(runs_dir) / run.name
             row = run_one(run, train_w, heldout, folder, progress)
             row.update(split=split, heldout_unk=unk, train_windows=len(train_w), heldout_windows=len(heldout))
-            _write_json(out_dir / f"{run.name}.json", row)
+            write_json(out_dir / f"{run.name}.json", row)
     return [json.loads((out_dir / f"{r.name}.json").read_text()) for r in runs]
 
 

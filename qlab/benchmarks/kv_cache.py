@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 import time
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qlab.core.atomic import write_json
 from qlab.methods.kv.cache import FP8, GEAR, KIVI, QuantizedKVCache, calibrate_fp8, chunked_logits
 
 DEFAULT_RESULTS = Path("results/kv_cache")
@@ -139,18 +139,6 @@ def describe(label: str, fp8_tensor: FP8 | None = None) -> str:
     return "DynamicCache" if m is None else repr(fp8_tensor if m == "calibrated" else m)
 
 
-def _write_json(path: Path, row: dict) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(row, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path, want: dict) -> dict | None:
     """A stored row if it exists, parses, and was computed for this configuration (``want``)."""
     try:
@@ -233,7 +221,7 @@ def run(model, windows: dict, labels, results: str | Path = DEFAULT_RESULTS, chu
                     row = {**want(label, ctx, i, w[i]), "label": label, "seconds": seconds, "cpu_seconds": cpu_seconds,
                            **{k: v for k, v in scored.items() if k != "logprobs"},
                            **_footprint(cache, model.config, ctx)}
-                    _write_json(path(label, ctx, i), row)
+                    write_json(path(label, ctx, i), row)
                     bar.update()
     bar.close()
     return table(results, labels, windows.keys())

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qlab.core.atomic import atomic_path, write_json
 from qlab.eval import evaluate, reference_logprobs
 from qlab.eval.sweep import EvalProtocol
 from qlab.methods.train import QATLinear, convert, lr_factor, prepare, train
@@ -208,12 +209,6 @@ def make_student(teacher: torch.nn.Module, run: QATRun, frozen=("embed_tokens", 
     return student
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, GB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -243,7 +238,7 @@ def train_qat(teacher, student, windows: torch.Tensor, run: QATRun, folder=None,
         records[step] = {"loss": float(loss.detach()), "lr": run.lr * lr_factor(step, run.steps, run.warmup, True),
                          "flips": f, "flip_backs": b}
         if steps_path is not None:
-            _write_json(steps_path, {k: records[k] for k in sorted(records)})
+            write_json(steps_path, {k: records[k] for k in sorted(records)})
         return loss
 
     config = {k: v for k, v in asdict(run).items() if k not in ("steps", "lr", "warmup")}
@@ -369,9 +364,8 @@ def run_all(teacher, tokenizer, runs: list[QATRun], out_dir, runs_dir=None, prot
         if reference is None or not torch.equal(reference.windows, evals):
             reference = reference_logprobs(teacher, evals, progress=progress)
             if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(reference, cached.with_suffix(".tmp"))
-                os.replace(cached.with_suffix(".tmp"), cached)
+                with atomic_path(cached) as tmp:
+                    torch.save(reference, tmp)
     for run in todo:
         windows = training_windows(tokenizer, run, protocol)
         if run.steps == 0:
@@ -390,7 +384,7 @@ def run_all(teacher, tokenizer, runs: list[QATRun], out_dir, runs_dir=None, prot
         else:
             row = run_one(teacher, windows, reference, run, runs_dir, progress, every)
         row.update(protocol=protocol.describe(), split=check_split(protocol))
-        _write_json(out_dir / f"{run.name}.json", row)
+        write_json(out_dir / f"{run.name}.json", row)
     return [json.loads((out_dir / f"{r.name}.json").read_text()) for r in runs if (out_dir / f"{r.name}.json").exists()]
 
 

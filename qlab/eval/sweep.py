@@ -58,6 +58,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from qlab.core.atomic import write_json
 from qlab.models.walker import quantize_model
 from qlab.models import EMBEDDED, REPO_ROOT
 
@@ -329,15 +330,8 @@ def _checksum(row: dict) -> str:
 
 
 def _write_row(path: Path, row: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename (a killed run never leaves half a
-    file, and two runs never write into the same temporary file)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(row, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write atomically (qlab.core.atomic): a killed run never leaves half a file."""
+    write_json(path, row)
 
 
 def _described(row: dict, config: dict, protocol: EvalProtocol) -> bool:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from qlab.core.atomic import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -46,9 +47,8 @@ def _canonical(config: dict) -> str:
 
 
 def _save(path: Path, state: dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: the checkpoint is either the old one or the new one
+    with atomic_path(path) as tmp:  # the checkpoint is either the old one or the new one
+        torch.save(state, tmp)
 
 
 def lr_factor(step: int, steps: int, warmup: int = 0, cosine: bool = False) -> float:

@@ -39,7 +39,6 @@ Worked example (M=2, d=2, scale 2): C_1 = [[1, 0], [0, 1]], C_2 = [[.5, .5], [0,
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qlab.core.atomic import atomic_path
 from qlab.core.quant import validate
 from qlab.core.tensor import CodebookTensor
 from qlab.methods.base import QuantResult
@@ -375,9 +375,7 @@ def aqlm_method(weights, X, spec, names=None, *, beam_size: int = 8, rounds: int
             continue
         q = aqlm_quantize(W, H, config)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(q.state_dict(), tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save(q.state_dict(), tmp)
         qweights.append(q)
     return QuantResult(qweights, info={"config": asdict(config)})
