@@ -198,8 +198,19 @@ class LabPage:
         """Open ``name`` (relative to the server's root) and wait until its kernel is connected and idle."""
         self.driver.get(self.server.url(f"lab/tree/{name}?token={self.server.token}"))
         self._wait(lambda d: self.find(".jp-CodeCell") and self.kernel_status() == "idle"
-                   and "Idle" in self.status_bar(), f"{name} did not open with an idle kernel")
+                   and "Idle" in self.status_bar() and self.kernel_ready(name),
+                   f"{name} did not open with an idle kernel")
         return self
+
+    def kernel_ready(self, name: str) -> bool:
+        """The server's view: a session for ``name`` whose kernel has started and is idle (with a second
+        notebook open, the page's indicators can still describe the first one's kernel)."""
+        try:
+            sessions = self.server._request("api/sessions")
+        except OSError:
+            return False
+        return any(s.get("path") == name and (s.get("kernel") or {}).get("execution_state") == "idle"
+                   for s in sessions or [])
 
     def status_bar(self) -> str:
         from selenium.webdriver.common.by import By
@@ -233,6 +244,13 @@ class LabPage:
         been idle for ``quiet`` seconds in a row (Lab stops at a failing cell: the cells after it keep
         ``[ ]:``; a cell whose input is hidden shows no prompt at all)."""
         self.menu("Run", "runmenu:run-all")
+        from selenium.common.exceptions import TimeoutException
+
+        started = lambda d: any(p == "[*]:" or p[1:-2].isdigit() for p in self.prompts())  # noqa: E731
+        try:  # a click that reached the notebook queues or runs a cell within seconds
+            self._wait(started, "", timeout=15)
+        except TimeoutException:  # it met a notebook not ready yet and did nothing (nothing ran): click again
+            self.menu("Run", "runmenu:run-all")
         idle_since = None
 
         def finished(_):
