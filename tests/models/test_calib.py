@@ -2,14 +2,8 @@
 import pytest
 import torch
 
-import embedded as emb
 from embedded import embedded  # noqa: F401
 from qlab.models import calib
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return emb.tiny_llama(vocab=256, hidden=64, layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ SPECS = ["int4-g32-asym-minmax", "int4-g32-sym-absmax", "int8-channel-sym-absmax
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return emb.tiny_llama(vocab=256, hidden=64, layers=2)
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 

@@ -45,11 +45,6 @@ def recipe(method: str, act: str, layers: str = "model.layers.*") -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return emb.tiny_llama(vocab=256, hidden=64, layers=2)
-
-
-@pytest.fixture(scope="module")
 def calib():
     return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
 
