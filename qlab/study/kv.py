@@ -184,21 +184,22 @@ def what_fits(model: str, context: int, batch: int, kv, gpu_gib: float, weights=
             "max_batch": largest(lambda n: total(context, n), 1 << 16)}
 
 
-# The seeds' KV-cache sizes (their numbers, quoted as claims to test): model preset, context, batch, GB they state.
-SIZE_CLAIMS = (
-    ("a 70B model at 128K tokens needs about 80 GB of KV cache", "Llama-2-70B", 131072, 80),
-    ("Llama-3 (70B) at 128K context: KV cache about 160 GB", "Llama-3-70B", 131072, 160),
-    ("Llama 3 8B, ctx 8192, fp16: 2 x 32 x 8 x 128 x 8192 x 2 = about 8 GB", "Llama-3-8B", 8192, 8),
-)
+# The seeds' KV-cache sizes: their ids in ``memory.SEED_FIGURES`` (which holds each claim and its number once),
+# with the model preset and context the formula needs.
+KV_SIZE_FIGURES = (("s000-kv-70b-128k", "Llama-2-70B", 131072), ("s001-kv-llama3-128k", "Llama-3-70B", 131072),
+                   ("s003-kv-llama3-8b-8k", "Llama-3-8B", 8192))
 
 
-def size_claims(claims=SIZE_CLAIMS, tolerance: float = 0.25) -> pd.DataFrame:
+def size_claims(figures=KV_SIZE_FIGURES, tolerance: float = 0.25) -> pd.DataFrame:
     """Each stated fp16 KV size next to the formula's (decimal GB, batch 1), and whether it is within
     ``tolerance`` (relative); ``batch_for_claim`` is the batch at which the formula would reach the claim."""
     rows = []
-    for text, model, context, stated in claims:
-        gb = memory.kv_cache_bytes(as_arch(model), context, 1, 2.0) / 1e9
-        rows.append({"claim": text, "model": model, "context": context, "stated_GB": stated, "formula_GB": gb,
+    for key, model, context in figures:
+        _, what, stated, unit, _ = memory.SEED_FIGURES[key]
+        if unit != "GB":
+            raise ValueError(f"{key} is stated in {unit}; size_claims compares decimal GB")
+        gb = memory.kv_cache_bytes(as_arch(model), context, 1, 2.0) / memory.GB
+        rows.append({"claim": what, "model": model, "context": context, "stated_GB": stated, "formula_GB": gb,
                      "holds": abs(stated / gb - 1) <= tolerance, "batch_for_claim": stated / gb})
     return pd.DataFrame(rows)
 
