@@ -388,19 +388,62 @@ def run_all(teacher, tokenizer, runs: list[QATRun], out_dir, runs_dir=None, prot
     return [json.loads((out_dir / f"{r.name}.json").read_text()) for r in runs if (out_dir / f"{r.name}.json").exists()]
 
 
-def table(rows: list[dict]):
-    """One line per configuration: ppl, KL, top-1 of QAT and RTN, and the recovered fraction."""
+# ---- the calibrated PTQ methods at the same bits ------------------------------------------------------------
+PTQ_METHODS = ("gptq", "awq")
+
+
+def ptq_configs(runs: list[QATRun], calib_windows: int = 32) -> list[dict]:
+    """``run_sweep`` configurations of GPTQ and AWQ with the spec of every weight-only qlab QAT run (so the same
+    bits per weight), calibrated on ``calib_windows`` windows of 512 tokens of the calibration articles, the
+    articles QAT trains on. W4A8 and the torchao, ternary and float runs get none."""
+    out, seen = [], set()
+    for r in runs:
+        if r.spec is None or r.act_spec or r.steps == 0 or r.name.startswith(PEER_PREFIX) or r.spec in seen:
+            continue
+        seen.add(r.spec)
+        out += [{"label": f"{m}:{r.spec}", "recipe": {BLOCKS: f"{m}:{r.spec}"}, "calib_windows": calib_windows}
+                for m in PTQ_METHODS]
+    return out
+
+
+def ptq_rows(runs: list[QATRun], out_dir, protocol: EvalProtocol = PROTOCOL, calib_windows: int = 32,
+             load=None) -> dict:
+    """GPTQ and AWQ next to the QAT runs (``ptq_configs``), through ``qlab.eval.sweep.run_sweep`` on the same
+    evaluation windows (results cached in ``<out_dir>/ptq``). Returns {spec: {method: {ppl, kl_mean, top1,
+    quantized_bpw, quant_seconds}}}."""
+    from qlab.eval.sweep import run_sweep
+
+    configs = ptq_configs(runs, calib_windows)
+    if not configs:
+        return {}
+    kwargs = {} if load is None else {"load": load}
+    df = run_sweep(configs, protocol, Path(out_dir) / "ptq", **kwargs)
+    out = {}
+    for _, r in df.iterrows():
+        method, spec = r["label"].split(":", 1)
+        out.setdefault(spec, {})[method] = {k: float(r[k]) for k in
+                                            ("ppl", "ppl_ref", "kl_mean", "top1", "quantized_bpw", "quant_seconds")}
+    return out
+
+
+def table(rows: list[dict], ptq: dict | None = None):
+    """One line per configuration: ppl, KL, top-1 of QAT and RTN, the recovered fraction, and (``ptq`` from
+    :func:`ptq_rows`) the KL of GPTQ and AWQ with the same spec."""
     import pandas as pd
 
     out = []
     for r in rows:
         rtn = r.get("rtn", {})
-        out.append({"config": r["name"], "steps": r["steps_done"], "ppl_qat": r["ppl"], "ppl_rtn": rtn.get("ppl"),
-                    "kl_qat": r["kl_mean"], "kl_rtn": rtn.get("kl_mean"), "top1_qat": r["top1"],
-                    "top1_rtn": rtn.get("top1"), "recovered_kl": r.get("recovered_kl"),
-                    "recovered_ppl": recovered_ppl(r) if rtn and rtn["ppl"] > r["ppl_ref"] else None,
-                    "s_per_step": r.get("s_per_step"), "cpu_s_per_step": r.get("cpu_s_per_step"),
-                    "peak_rss_gb": r.get("peak_rss_gb")})
+        line = {"config": r["name"], "steps": r["steps_done"], "ppl_qat": r["ppl"], "ppl_rtn": rtn.get("ppl"),
+                "kl_qat": r["kl_mean"], "kl_rtn": rtn.get("kl_mean"), "top1_qat": r["top1"],
+                "top1_rtn": rtn.get("top1"), "recovered_kl": r.get("recovered_kl"),
+                "recovered_ppl": recovered_ppl(r) if rtn and rtn["ppl"] > r["ppl_ref"] else None}
+        if ptq is not None:
+            same = {} if r["name"].startswith(PEER_PREFIX) else ptq.get(r["run"]["spec"], {})
+            line.update({f"kl_{m}": same.get(m, {}).get("kl_mean") for m in PTQ_METHODS})
+        line.update(s_per_step=r.get("s_per_step"), cpu_s_per_step=r.get("cpu_s_per_step"),
+                    peak_rss_gb=r.get("peak_rss_gb"))
+        out.append(line)
     return pd.DataFrame(out)
 
 
@@ -442,28 +485,37 @@ def plot_flips(rows: list[dict], ax=None):
     return ax
 
 
-def plot_vs_ptq(rows: list[dict], ax=None):
-    """Mean KL to the float model on the evaluation windows: round to nearest and QAT, per configuration."""
+def plot_vs_ptq(rows: list[dict], ptq: dict | None = None, ax=None):
+    """Mean KL to the float model on the evaluation windows, per configuration: round to nearest, GPTQ and
+    AWQ with the same spec (``ptq`` from :func:`ptq_rows`, where there is one) and QAT."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4))
+        _, ax = plt.subplots(figsize=(8, 4.2))
     quantized = [r for r in rows if "rtn" in r]
     x = np.arange(len(quantized))
-    ax.bar(x - 0.2, [r["rtn"]["kl_mean"] for r in quantized], 0.4, label="round to nearest (step 0)")
-    ax.bar(x + 0.2, [r["kl_mean"] for r in quantized], 0.4, label="QAT (distilled)")
+    ptq = ptq or {}
+    bars = [("round to nearest (step 0)", lambda r: r["rtn"]["kl_mean"])]
+    bars += [(m.upper(), lambda r, m=m: ptq.get(r["run"]["spec"], {}).get(m, {}).get("kl_mean", np.nan)
+              if not r["name"].startswith(PEER_PREFIX) else np.nan) for m in PTQ_METHODS if ptq]
+    bars += [("QAT (distilled)", lambda r: r["kl_mean"])]
+    width = 0.8 / len(bars)
+    for k, (label, get) in enumerate(bars):
+        ax.bar(x - 0.4 + width * (k + 0.5), [get(r) for r in quantized], width, label=label)
     for i, r in enumerate(quantized):
-        ax.annotate(f"{100 * r['recovered_kl']:.0f}%", (x[i] + 0.2, r["kl_mean"]), ha="center", va="bottom",
-                    fontsize=8)
+        ax.annotate(f"{100 * r['recovered_kl']:.0f}%", (x[i] + 0.4 - width / 2, r["kl_mean"]), ha="center",
+                    va="bottom", fontsize=8)
     control = [r for r in rows if r["name"] == "float"]
     if control:
         ax.axhline(control[0]["kl_mean"], color="grey", ls=":", label="float control after the same training")
-    ax.set_xticks(x, [f"{r['name']}\n{r['run']['spec']}" for r in quantized], fontsize=8)
+    ax.set_xticks(x, [f"{r['name']}\n{r['run']['spec']}" + ("\n+ int8 act." if r["run"].get("act_spec") else "")
+                      for r in quantized], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("mean KL to the float model (log)")
-    ax.set_title("QAT vs round to nearest (label: share of RTN's KL recovered)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.set_title("QAT vs post-training methods at the same spec (label: share of RTN's KL recovered by QAT)",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     return ax
 
 
@@ -495,6 +547,8 @@ def main(argv=None):
     p.add_argument("--eval-windows", type=int, default=PROTOCOL.n_windows,
                    help="windows of 512 tokens scored (notebook 08's protocol: 16)")
     p.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
+    p.add_argument("--calib", type=int, default=32,
+                   help="calibration windows of 512 tokens for the GPTQ and AWQ rows at the same specs (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "qat"))
     p.add_argument("--runs", default=str(REPO_ROOT / "runs" / "qat"))
@@ -512,7 +566,8 @@ def main(argv=None):
     protocol = replace(PROTOCOL, n_windows=args.eval_windows)
     print(check_split(protocol))
     rows = run_all(teacher, tokenizer, runs, args.out, args.runs, protocol, every=args.every)
-    print(table(rows).to_string(index=False))
+    ptq = ptq_rows(runs, args.out, protocol, args.calib) if args.calib else None
+    print(table(rows, ptq).to_string(index=False))
 
 
 if __name__ == "__main__":

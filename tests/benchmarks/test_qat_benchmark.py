@@ -165,3 +165,50 @@ def test_torchao_rtn_is_qlabs_bit_for_bit_and_its_qat_trains(tiny, windows, tmp_
     assert row["steps_done"] == 2 and row["losses"][0] > 0
     assert row["rtn"]["kl_mean"] > 0 and row["kl_mean"] != row["rtn"]["kl_mean"]  # training moved the weights
     assert row["versions"]["torchao"].startswith("0.18")
+
+
+# ---- GPTQ and AWQ at the same specs --------------------------------------------------------------------
+class _ByteTokenizer:
+    """Token = byte value: drives a tiny model through the real WikiText-2 data path of run_sweep."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def _load_tiny(name):
+    import embedded
+
+    return embedded.tiny_llama(vocab=256, hidden=64, layers=2), _ByteTokenizer()
+
+
+def test_gptq_and_awq_rows_use_each_weight_only_spec_once():
+    runs = [RUN, replace(RUN, name="float", spec=None), replace(RUN, name="w4a8", act_spec=qat.ACT_INT8_TOKEN),
+            replace(RUN, name="torchao-int4-g64"), qat.PTQ_ONLY["ternary-ptq"],
+            replace(RUN, name="int3", spec="int3-g128-asym-minmax")]
+    configs = qat.ptq_configs(runs, calib_windows=4)
+    assert [c["label"] for c in configs] == ["gptq:int4-g64-asym-minmax-sfp32", "awq:int4-g64-asym-minmax-sfp32",
+                                             "gptq:int3-g128-asym-minmax", "awq:int3-g128-asym-minmax"]
+    assert configs[0]["recipe"] == {qat.BLOCKS: "gptq:int4-g64-asym-minmax-sfp32"}
+    assert {c["calib_windows"] for c in configs} == {4}
+    assert qat.ptq_configs([replace(RUN, name="float", spec=None)]) == []
+
+
+def test_gptq_and_awq_rows_beside_qat_on_the_same_windows(tmp_path):
+    from qlab.eval.sweep import EvalProtocol, run_sweep
+
+    protocol = EvalProtocol(seq_len=32, n_windows=2, pick="first")
+    spec = "int2-g32-asym-minmax"
+    ptq = qat.ptq_rows([replace(RUN, spec=spec)], tmp_path, protocol, calib_windows=4, load=_load_tiny)
+    rtn = run_sweep([{"label": "rtn", "recipe": {qat.BLOCKS: spec}}], protocol, tmp_path / "rtn", progress=False,
+                    load=_load_tiny).iloc[0]
+    assert set(ptq) == {spec} and set(ptq[spec]) == {"gptq", "awq"}
+    for m in ("gptq", "awq"):
+        assert ptq[spec][m]["ppl_ref"] == rtn["ppl_ref"]  # the same evaluation windows and float reference
+        assert ptq[spec][m]["quantized_bpw"] == rtn["quantized_bpw"]  # the same grid: equal bits per weight
+    assert ptq[spec]["gptq"]["kl_mean"] < rtn["kl_mean"]  # GPTQ's error feedback helps at 2 bits
+    # the table puts them on the QAT run's line, and on no line of another spec
+    row = {"name": "int2", "steps_done": 3, "ppl": 1.0, "ppl_ref": 1.0, "kl_mean": 0.1, "top1": 0.5,
+           "run": {"spec": spec}, "rtn": {"ppl": 2.0, "kl_mean": 0.2, "top1": 0.4}, "recovered_kl": 0.5}
+    t = qat.table([row, {**row, "name": "other", "run": {"spec": "int8-channel-sym-absmax"}}], ptq)
+    assert t.kl_gptq.tolist()[0] == ptq[spec]["gptq"]["kl_mean"] and t.kl_awq.tolist()[0] == ptq[spec]["awq"]["kl_mean"]
+    assert t.kl_gptq.isna().tolist() == [False, True]
