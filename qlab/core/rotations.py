@@ -166,6 +166,13 @@ def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
 
 
+def check_signs(SU: torch.Tensor, SV: torch.Tensor, m: int, n: int) -> None:
+    """Raise unless SU holds n and SV holds m signs, each +-1."""
+    for name, v, size in (("SU", SU, n), ("SV", SV, m)):
+        if tuple(v.shape) != (size,) or not bool((v.abs() == 1).all()):
+            raise ValueError(f"{name} must be {size} signs +-1, got shape {tuple(v.shape)}")
+
+
 @dataclass
 class RandomizedHadamard:
     """The two-sided randomized Hadamard transform of an m x n weight (QuIP# alg. 1), seeded.
@@ -185,6 +192,14 @@ class RandomizedHadamard:
         hadamard_factors(self.m), hadamard_factors(self.n)  # refuse unsupported sizes up front
         g = torch.Generator().manual_seed(self.seed)
         self.SU, self.SV = random_signs(self.n, g), random_signs(self.m, g)
+
+    @classmethod
+    def from_signs(cls, SU: torch.Tensor, SV: torch.Tensor, seed: int = 0) -> "RandomizedHadamard":
+        """The transform with given sign vectors SU [n] and SV [m] (what a stored tensor keeps), not drawn ones."""
+        check_signs(SU, SV, len(SV), len(SU))
+        R = cls(len(SV), len(SU), seed)
+        R.SU, R.SV = SU.double(), SV.double()  # the stored signs are the truth, not the generator
+        return R
 
     def weight(self, W: torch.Tensor) -> torch.Tensor:
         """W' = V_m S_V W S_U V_n^T."""

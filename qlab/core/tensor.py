@@ -12,8 +12,9 @@ model, sized and plotted the same way:
 
 Implementations: :class:`QuantizedTensor` (a scalar grid: one b-bit code per element, scales per group,
 integer zero points or float minima), :class:`CodebookTensor` (vector quantization: one code per group of
-d weights into each of M codebooks, summed, times a scale per row: AQLM, QuIP#'s E8P), and outside the
-core ``qlab.gguf.GGUFTensor`` (llama.cpp's byte-exact blocks).
+d weights into each of M codebooks, summed, times a scale per row: AQLM, QuIP#'s E8P), :class:`RotatedTensor`
+(any of them holding a randomized-Hadamard-rotated weight, plus the sign vectors that rotate it back: RTN and
+GPTQ with ``rotate=True``), and outside the core ``qlab.gguf.GGUFTensor`` (llama.cpp's byte-exact blocks).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 
 from qlab.core import scales as _scales
 from qlab.core.packing import pack, packed_nbytes, unpack
+from qlab.core.rotations import RandomizedHadamard, check_signs
 from qlab.core.spec import SCALE_DTYPES, QuantSpec
 
 
@@ -267,3 +269,87 @@ class CodebookTensor:
         M, K, d = self.codebooks.shape
         return (f"CodebookTensor({M}x{self.bits} over groups of {d}, shape={self.shape}, "
                 f"{self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight)")
+
+
+def sign_nbytes(m: int, n: int) -> int:
+    """Bytes of the two sign vectors of an m x n rotation, one bit per sign: ceil(n / 8) + ceil(m / 8)."""
+    return math.ceil(n / 8) + math.ceil(m / 8)
+
+
+def pack_signs(S: torch.Tensor) -> torch.Tensor:
+    """+-1 signs -> a bit stream (bit set where the sign is -1)."""
+    return pack(S < 0, 1)
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of ``pack_signs``: n signs +-1 as float64."""
+    return 1.0 - 2.0 * unpack(packed, 1, n).double()
+
+
+@register_kind
+@dataclass
+class RotatedTensor:
+    """Any quantized tensor of a rotated weight W' = V_m S_V W S_U V_n^T, kept with the signs that turn it back
+    (``qlab.core.rotations.RandomizedHadamard``; RTN or GPTQ with ``rotate=True``):
+
+        dequantize() = S_V V_m^T inner.dequantize() V_n S_U          (computed in float64)
+
+    ``inner`` is the QTensor [m, n] of W'; ``SU`` [n] and ``SV`` [m] are +-1, one bit each, so
+    nbytes = inner.nbytes + ceil(n / 8) + ceil(m / 8). ``seed`` is the seed that drew them. Example: int3 g128 asym
+    of a 192 x 576 weight, 3.165 bits per weight, is 3.165 + 8 * (72 + 24) / 110592 = 3.172 rotated.
+    """
+
+    kind = "rotated"
+
+    inner: object  # a QTensor of the rotated weight
+    SU: torch.Tensor
+    SV: torch.Tensor
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if len(self.inner.shape) != 2:
+            raise ValueError(f"a rotated tensor is a 2-d weight [out, in], got shape {tuple(self.inner.shape)}")
+        check_signs(self.SU, self.SV, *self.shape)
+
+    @classmethod
+    def of(cls, inner, R, dtype: torch.dtype) -> "RotatedTensor":
+        """Wrap ``inner`` (the QTensor of ``R.weight(W)``) with the signs of the RandomizedHadamard ``R``."""
+        return cls(inner, R.SU, R.SV, R.seed, dtype)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.inner.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def rotation(self) -> RandomizedHadamard:
+        return RandomizedHadamard.from_signs(self.SU, self.SV, self.seed)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rotation().weight_inverse(self.inner.dequantize().double()).to(self.dtype)
+
+    @property
+    def nbytes(self) -> float:
+        return self.inner.nbytes + sign_nbytes(*self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "inner": self.inner.state_dict(), "SU": pack_signs(self.SU),
+                "SV": pack_signs(self.SV), "seed": self.seed, "dtype": str(self.dtype)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "RotatedTensor":
+        inner = from_state_dict(state["inner"])
+        m, n = inner.shape
+        return cls(inner, unpack_signs(state["SU"], n), unpack_signs(state["SV"], m), int(state["seed"]),
+                   dtype_from_name(state["dtype"]))
+
+    def __repr__(self):
+        return (f"RotatedTensor({self.inner!r}, + {sign_nbytes(*self.shape)} bytes of signs, "
+                f"{self.bits_per_weight:.3f} bits/weight)")

@@ -8,6 +8,7 @@ Everything here is a worked example or a small experiment built on the package's
 * ``e8p_mse_vs_scale``    the E8P codebook's MSE per dimension on a unit Gaussian against the input RMS;
 * ``quantize_rotated``    RTN or GPTQ with or without the two-sided randomized Hadamard rotation;
 * ``whole_model_rtn``     the same for RTN on every block Linear of a model, evaluated (ppl, KL, top-1);
+* ``rotation_error_table`` where RTN's error lands with and without the rotation (weight, output, loud inputs);
 * ``RotatedLinear``       a Linear computed in the rotated basis (x S_U V^T, W', then V S_V): same outputs;
                           ``rotate_linears`` swaps them into a model, ``rotation_exactness`` measures the change;
 * ``ldlq_vs_nearest``     BlockLDLQ against plain nearest-point E8P rounding on one layer (proxy loss);
@@ -36,9 +37,9 @@ from qlab.core.formats.lattice import E8P_SIGN_BIT, e8p_abs_patterns, e8p_neares
 from qlab.core.rotations import RandomizedHadamard
 from qlab.core.spec import QuantSpec
 from qlab.eval.metrics import evaluate
-from qlab.methods.weight.gptq import gptq, hessian, output_error
+from qlab.methods.weight.gptq import gptq_group, hessian, output_error
 from qlab.methods.weight.quip import E8P_OPT_SCALE, block_ldlq, e8p_quantizer, proxy_loss
-from qlab.methods.weight.rtn import rtn
+from qlab.methods.weight.rtn import rtn_method
 
 G_CLOSED_FORM = {"Z1": 1 / 12, "A2": 5 / (36 * math.sqrt(3)), "D4": 0.0766032, "E8": 929 / 12960}
 
@@ -156,19 +157,18 @@ def quantize_rotated(W: torch.Tensor, H: torch.Tensor | None, method: str, bits:
                      group_size: int = 128, seed: int = 0) -> torch.Tensor:
     """W_hat in the original basis: ``method`` ('rtn' or 'gptq') at int``bits``, groups of ``group_size``,
     asymmetric min-max, applied to W, or to W' = V_m S_V W S_U V_n^T (GPTQ with H' = V_n S_U H S_U V_n^T)
-    and rotated back. float32 result. H may be None for RTN."""
+    and rotated back: the registry's own path (``rtn_method`` / ``gptq_group`` with ``rotate``), de-quantized.
+    float32 result. H may be None for RTN."""
     if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
     if method == "gptq" and H is None:
         raise ValueError("GPTQ needs the Hessian H = (2/N) X^T X of the layer's inputs; got H=None")
     spec = QuantSpec.integer(bits, group_size=group_size, symmetric=False)
-    R = RandomizedHadamard(*W.shape, seed=seed) if rotate else None
-    Wq = R.weight(W.double()).float() if rotate else W.float()
     if method == "rtn":
-        W_hat = rtn(Wq, spec).dequantize()
+        qt = rtn_method([W.float()], None, spec, rotate=rotate, seed=seed).qweights[0]
     else:
-        W_hat = gptq(Wq, (R.hessian(H.double()) if rotate else H).float(), spec).dequantize()
-    return R.weight_inverse(W_hat.double()).float() if rotate else W_hat.float()
+        qt = gptq_group([W.float()], H.float(), spec, rotate=rotate, seed=seed)[0]
+    return qt.dequantize().float()
 
 
 def rotation_sweep(layers: dict, bits=(2, 3, 4), methods=("rtn", "gptq"), seed: int = 0) -> pd.DataFrame:
@@ -184,6 +184,52 @@ def rotation_sweep(layers: dict, bits=(2, 3, 4), methods=("rtn", "gptq"), seed: 
         W_hat = quantize_rotated(W, H[name], method, b, rot, seed=seed)
         rows.append({"layer": name, "method": method.upper(), "bits": b, "rotation": rot,
                      "rel_output_error": output_error(W, W_hat, X)})
+    return pd.DataFrame(rows)
+
+
+def rotation_error_table(layers: dict, bits: int = 3, group_size: int = 128, seed: int = 0,
+                         top: int = 8) -> pd.DataFrame:
+    """Where RTN's rounding error lands with and without the rotation: one row per (layer, rotation).
+
+    ``layers``: name -> (W [out, in], H [in, in]), H = (2/N) X^T X of the layer's calibration inputs. With
+    dW = W_hat - W (``quantize_rotated``: int``bits``, groups of ``group_size``, asymmetric min-max) and n inputs:
+
+    * weight_error = ||dW||^2 / ||W||^2 and output_error = tr(dW H dW^T) / tr(W H W^T) (= ||X dW^T||^2 / ||X W^T||^2);
+    * W_align = tr(W H W^T) / (||W||^2 tr(H) / n) and error_align = tr(dW H dW^T) / (||dW||^2 tr(H) / n): the share
+      of H's energy a matrix picks up against a matrix spread evenly over the inputs (1), so that, exactly,
+      output_error = weight_error * error_align / W_align. The rotation makes dW even (error_align ~ 1); NaN if dW = 0;
+    * top_H: the share of tr(H) on the ``top`` inputs of largest diag(H); top_W and top_error: the mean squared
+      column of W and of dW on those inputs, over the mean over all inputs;
+    * uniform_ratio: ||dW||^2 over uniform rounding's prediction, sum over groups of size * step^2 / 12 with
+      step = (max - min) / (2^bits - 1), in the basis that was quantized: well below 1 only if the weights sat on a
+      grid that this one reproduces.
+    """
+    rows = []
+    for name, (W, H) in layers.items():
+        W, H = W.double(), H.double()
+        n, d = W.shape[1], torch.diag(H)
+        loud = torch.argsort(d, descending=True)[:top]
+
+        def trace(M):  # tr(M H M^T)
+            return float(torch.einsum("ij,jk,ik->", M, H, M))
+
+        def even(M):  # tr(M H M^T) if M's energy were spread evenly over the inputs
+            return float(M.pow(2).sum() * d.sum() / n)
+
+        for rotate in (False, True):
+            W_hat = quantize_rotated(W.float(), H.float(), "rtn", bits, rotate, group_size=group_size, seed=seed)
+            dW = W_hat.double() - W
+            Wq = RandomizedHadamard(*W.shape, seed=seed).weight(W) if rotate else W  # the basis that was rounded
+            ranges = [Wq[:, j:j + group_size] for j in range(0, n, group_size)]
+            uniform = sum(float((g.amax(1) - g.amin(1)).pow(2).sum()) * g.shape[1] for g in ranges)
+            uniform /= 12 * (2**bits - 1) ** 2
+            rows.append({"layer": name, "rotation": rotate,
+                         "weight_error": float(dW.pow(2).sum() / W.pow(2).sum()), "output_error": trace(dW) / trace(W),
+                         "W_align": trace(W) / even(W), "error_align": trace(dW) / even(dW) if dW.any() else math.nan,
+                         "top_H": float(d[loud].sum() / d.sum()),
+                         "top_W": float(W[:, loud].pow(2).sum(0).mean() / W.pow(2).sum(0).mean()),
+                         "top_error": float(dW[:, loud].pow(2).sum(0).mean() / dW.pow(2).sum(0).mean()),
+                         "uniform_ratio": float(dW.pow(2).sum()) / uniform})
     return pd.DataFrame(rows)
 
 

@@ -89,6 +89,19 @@ def test_signs_are_seeded_and_shapes_are_checked():
         a.weight(torch.zeros(16, 12))
 
 
+def test_a_transform_from_stored_signs_uses_those_signs():
+    a = RandomizedHadamard(12, 16, seed=0)
+    SU, SV = -a.SU, a.SV.float()
+    b = RandomizedHadamard.from_signs(SU, SV, seed=0)
+    assert torch.equal(b.SU, SU.double()) and torch.equal(b.SV, a.SV) and (b.m, b.n) == (12, 16)
+    W = torch.randn(12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(b.weight(W), -a.weight(W), rtol=0, atol=1e-13)  # S_U -> -S_U negates W'
+    with pytest.raises(ValueError, match="SU must be 16 signs"):
+        RandomizedHadamard.from_signs(SU * 0, SV)
+    with pytest.raises(ValueError, match="no Hadamard construction for n = 14"):
+        RandomizedHadamard.from_signs(torch.ones(14), SV)
+
+
 def test_incoherence_by_hand():
     assert weight_incoherence(torch.tensor([[1.0, 0.0], [0.0, 0.0]])) == pytest.approx(2.0)  # sqrt(mn)
     assert weight_incoherence(torch.ones(3, 5)) == pytest.approx(1.0)

@@ -6,7 +6,8 @@ import torch
 
 from qlab import CodebookTensor, QTensor, QuantSpec, load_qtensor, quantize, save_qtensor
 from qlab import gguf as qg
-from qlab.core.tensor import from_state_dict
+from qlab.core.rotations import RandomizedHadamard
+from qlab.core.tensor import RotatedTensor, from_state_dict
 from qlab.kernels.kivi import kivi_quantize_reference
 
 
@@ -20,7 +21,13 @@ def _kinds(gen):
         "codebook 2x8": CodebookTensor((16, 64), codes, torch.randn(2, 256, 8, generator=gen), torch.rand(16) + 0.5, bits=8),
         "gguf Q4_K": qg.quantize(torch.randn(4, 256, generator=gen), "Q4_K"),
         "kivi key": kivi_quantize_reference(torch.randn(2, 40, 16, generator=gen), 2, 16, "key"),
+        "rotated int3 g32": _rotated(w, "int3-g32-asym-minmax", seed=4),
     }
+
+
+def _rotated(W, spec, seed=0):
+    R = RandomizedHadamard(*W.shape, seed=seed)
+    return RotatedTensor.of(quantize(R.weight(W.double()).float(), spec), R, W.dtype)
 
 
 def test_every_kind_implements_the_protocol_and_round_trips_through_a_file(gen, tmp_path):
@@ -113,3 +120,34 @@ def test_spec_strings_with_axes_and_minima():
             QuantSpec.parse(bad)
     with pytest.raises(ValueError, match="Granularity"):
         QuantSpec(granularity="g32")
+
+
+class _Exact:
+    """A stand-in quantized tensor that stores its weight exactly (float64, 0 bytes)."""
+
+    def __init__(self, W):
+        self.W, self.shape, self.dtype, self.nbytes = W, tuple(W.shape), W.dtype, 0
+
+    def dequantize(self):
+        return self.W
+
+
+def test_rotated_tensor_turns_the_weight_back_exactly_and_counts_its_signs(gen):
+    W = torch.randn(24, 32, dtype=torch.float64, generator=gen)  # 24 = 12 * 2 (Paley), 32 = 2^5
+    R = RandomizedHadamard(24, 32, seed=7)
+    exact = RotatedTensor.of(_Exact(R.weight(W)), R, torch.float64)
+    assert (exact.dequantize() - W).abs().max() < 1e-13  # nothing quantized: W to float64 round-off
+    assert exact.nbytes == 3 + 4  # one bit per sign: 24 + 32 bits
+    t = _rotated(W.float(), "int4-g16-asym-minmax", seed=7)
+    # codes 24 * 32 * 4 / 8 = 384, 48 fp16 scales = 96, 48 4-bit zero points = 24; signs 7 bytes
+    assert t.inner.nbytes == 504 and t.nbytes == 511 and t.bits_per_weight == 8 * 511 / (24 * 32)
+    assert torch.equal(t.dequantize(), R.weight_inverse(t.inner.dequantize().double()).float())
+    assert t.shape == (24, 32) and t.dtype == torch.float32
+
+
+def test_rotated_tensor_refuses_bad_signs(gen):
+    t = _rotated(torch.randn(24, 32, generator=gen), "int4-g16-asym-minmax")
+    with pytest.raises(ValueError, match="SU must be 32 signs"):
+        RotatedTensor(t.inner, t.SU[:-1], t.SV)
+    with pytest.raises(ValueError, match="SV must be 24 signs"):
+        RotatedTensor(t.inner, t.SU, t.SV * 0)

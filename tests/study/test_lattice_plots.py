@@ -19,8 +19,8 @@ from qlab.methods.weight.rtn import rtn
 from qlab.study.lattice_plots import (G_CLOSED_FORM, RotatedLinear, aqlm_group_steps, best_uniform_2bit_mse,
                                       distinct_group_values, e8_decode_steps, e8p_code_steps, e8p_mse_vs_scale,
                                       ldlq_vs_nearest, plot_g_estimates, plot_rotation_errors, plot_z2_vs_a2,
-                                      quantize_rotated, rotation_exactness, rotation_sweep, two_bit_table,
-                                      whole_model_rtn)
+                                      quantize_rotated, rotation_error_table, rotation_exactness, rotation_sweep,
+                                      two_bit_table, whole_model_rtn)
 
 matplotlib.use("Agg")
 REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "lattice" / "e8p_reference.json").read_text())
@@ -150,6 +150,31 @@ def test_whole_model_rtn_on_a_tiny_llama():
         if isinstance(m, nn.Linear) and m is not model.lm_head:
             m.weight.data = rtn(m.weight.data, "int2-g128-asym-minmax").dequantize()
     assert evaluate(model, windows, ref, progress=False)["ppl"] == pytest.approx(ppl[(2, False)], rel=1e-6)
+
+
+def test_rotation_error_table_on_a_layer_that_ignores_its_loud_inputs():
+    """A v_proj-like toy: three inputs carry most of H and the layer's weights on them are small. Plain RTN rounds
+    those small weights mostly to the grid's exact zero; the rotation spreads its (smaller) error evenly over all
+    inputs, the loud ones included, and the output error grows."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 96, generator=g)
+    loud = [5, 40, 77]
+    W[:, loud] *= 0.1
+    X = torch.randn(4096, 96, generator=g)
+    X[:, loud] *= 15
+    G = torch.randint(0, 8, (48, 96), generator=g).float()
+    G[:, [0, 64]], G[:, [1, 65]] = 0, 7  # every group of 64 spans the 8 levels: int3 min-max reproduces G / 64
+    df = rotation_error_table({"toy": (W, hessian(X)), "on the grid": ((G - 3) / 64, hessian(X))}, bits=3,
+                              group_size=64, top=3)
+    for r in df[df.weight_error > 0].itertuples():  # the decomposition is exact
+        assert r.output_error == pytest.approx(r.weight_error * r.error_align / r.W_align, rel=1e-9)
+    plain, rotated, grid, grid_rotated = df.itertuples()
+    assert plain.top_H > 0.85 and plain.W_align < 0.2 and plain.top_W < 0.02
+    assert plain.top_error < 0.8 and plain.error_align < 0.4 and 0.9 < rotated.error_align < 1.1
+    assert rotated.weight_error < plain.weight_error and rotated.output_error > 2 * plain.output_error
+    assert 0.95 < plain.uniform_ratio < 1.05 and 0.95 < rotated.uniform_ratio < 1.05  # off any int3 grid
+    assert grid.weight_error == 0 and grid.uniform_ratio == 0 and math.isnan(grid.error_align)
+    assert 0.95 < grid_rotated.uniform_ratio < 1.05
 
 
 def test_block_ldlq_beats_nearest_and_proxy_loss_is_the_output_error():

@@ -32,8 +32,9 @@ import torch
 
 from qlab.core.granularity import PerChannel, PerTensor
 from qlab.core.quant import qparams, quantize, validate
+from qlab.core.rotations import RandomizedHadamard
 from qlab.core.spec import QuantSpec
-from qlab.core.tensor import QuantizedTensor
+from qlab.core.tensor import QuantizedTensor, RotatedTensor
 from qlab.methods.base import QuantResult
 from qlab.core.scales import fake_quant_groups
 
@@ -264,21 +265,41 @@ def gptq_shared(weights: list, H: torch.Tensor, spec, *, block_size: int = 128, 
     return out
 
 
-def gptq_method(weights, X, spec, names=None, *, block_size: int = 128, percdamp: float = 0.01,
-                act_order: bool = False) -> QuantResult:
+def gptq_group(weights: list, H: torch.Tensor, spec, *, rotate: bool = False, seed: int = 0, block_size: int = 128,
+               percdamp: float = 0.01, act_order: bool = False) -> list:
+    """GPTQ of Linears that read one input, given its H: one sweep over their stacked rows (``gptq_shared``)
+    when the scales are per row, or one sweep each (per-tensor scales). One QTensor per weight, in order.
+
+    ``rotate``: quantize each W' = V_m S_V W S_U V_n^T (float32) against H' = V_n S_U H S_U V_n^T and return
+    ``RotatedTensor``s (QuIP's incoherence processing around GPTQ). One ``seed`` draws the same S_U for every
+    weight of the group (``RandomizedHadamard`` draws S_U first), so H is rotated once and the input once.
+    """
+    weights = [w.weight.data if isinstance(w, torch.nn.Linear) else w for w in weights]
+    spec = QuantSpec.parse(spec)
+    kw = dict(block_size=block_size, percdamp=percdamp, act_order=act_order)
+    if rotate:
+        rotations = [RandomizedHadamard(*W.shape, seed=seed) for W in weights]  # refuse widths with no Hadamard
+        Hr = rotations[0].hessian(H.double()).float()
+        rotated = [R.weight(W.double()).to(torch.promote_types(W.dtype, torch.float32))
+                   for R, W in zip(rotations, weights)]
+        inner = gptq_group(rotated, Hr, spec, **kw)
+        return [RotatedTensor.of(q, R, W.dtype) for q, R, W in zip(inner, rotations, weights)]
+    if spec.granularity.per_row(tuple(weights[0].shape)):
+        return gptq_shared(weights, H, spec, **kw)
+    return [gptq(W, H, spec, **kw) for W in weights]
+
+
+def gptq_method(weights, X, spec, names=None, *, rotate: bool = False, seed: int = 0, block_size: int = 128,
+                percdamp: float = 0.01, act_order: bool = False) -> QuantResult:
     """The registry's GPTQ: H = (2/n) X^T X accumulated over the calibration batches (as the reference's
-    ``add_batch``), then one sweep over the stacked rows of all the weights (``gptq_shared``) when their
-    scales are per row, or one sweep each (per-tensor scales)."""
+    ``add_batch``), then ``gptq_group`` (``rotate``: in the randomized Hadamard basis, with H rotated too)."""
     if not X:
         raise ValueError("GPTQ needs calibration inputs X")
     acc = HessianAccumulator(weights[0].shape[1])
     for x in X:
         acc.add(x)
-    spec = QuantSpec.parse(spec)
-    kw = dict(block_size=block_size, percdamp=percdamp, act_order=act_order)
-    if spec.granularity.per_row(tuple(weights[0].shape)):
-        return QuantResult(gptq_shared(weights, acc.H, spec, **kw))
-    return QuantResult([gptq(W, acc.H, spec, **kw) for W in weights])
+    return QuantResult(gptq_group(weights, acc.H, spec, rotate=rotate, seed=seed, block_size=block_size,
+                                  percdamp=percdamp, act_order=act_order))
 
 
 # --- Measuring a sweep: the layer's output error, and how it depends on the column order -----------------

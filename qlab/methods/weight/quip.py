@@ -43,9 +43,9 @@ import torch
 from qlab.core.formats.lattice import e8p_decode, e8p_nearest, e81b_decode, e81b_nearest
 from qlab.core.packing import pack, unpack
 from qlab.core.quant import validate
-from qlab.core.rotations import RandomizedHadamard
+from qlab.core.rotations import RandomizedHadamard, check_signs
 from qlab.core.scales import dequantize_groups, quantize_groups
-from qlab.core.tensor import dtype_from_name, register_kind
+from qlab.core.tensor import dtype_from_name, pack_signs, register_kind, sign_nbytes, unpack_signs
 from qlab.methods.base import QuantResult
 from qlab.methods.weight.gptq import HessianAccumulator
 
@@ -235,9 +235,7 @@ class QuipTensor:
             raise ValueError(f"codes must be [out={m}, in/8={n // 8}], got {tuple(self.codes.shape)}")
         if self.codes.is_floating_point() or self.codes.numel() and (self.codes.min() < 0 or self.codes.max() >= 1 << 16):
             raise ValueError("codes must be integers in [0, 65536) (16-bit E8P codes)")
-        for name, v, size in (("SU", self.SU, n), ("SV", self.SV, m)):
-            if tuple(v.shape) != (size,) or not bool((v.abs() == 1).all()):
-                raise ValueError(f"{name} must be {size} signs +-1, got shape {tuple(v.shape)}")
+        check_signs(self.SU, self.SV, m, n)
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {self.scale}")
         bits = self.codebook.resid_bits
@@ -260,9 +258,7 @@ class QuipTensor:
         return math.prod(self.shape)
 
     def rotation(self) -> RandomizedHadamard:
-        R = RandomizedHadamard(*self.shape, seed=self.seed)
-        R.SU, R.SV = self.SU.double(), self.SV.double()  # the stored signs are the truth, not the generator
-        return R
+        return RandomizedHadamard.from_signs(self.SU, self.SV, self.seed)
 
     def rotated(self) -> torch.Tensor:
         """scale * C[codes]: the weight in the rotated basis, [m, n] float64."""
@@ -274,7 +270,7 @@ class QuipTensor:
     @property
     def nbytes(self) -> float:
         m, n = self.shape
-        return (16 + self.codebook.resid_bits) // 8 * self.codes.numel() + 4 + math.ceil(n / 8) + math.ceil(m / 8)
+        return (16 + self.codebook.resid_bits) // 8 * self.codes.numel() + 4 + sign_nbytes(m, n)
 
     @property
     def bits_per_weight(self) -> float:
@@ -283,7 +279,7 @@ class QuipTensor:
     def state_dict(self) -> dict:
         state = {"kind": self.kind, "shape": list(self.shape), "dtype": str(self.dtype), "seed": self.seed,
                  "spec": self.spec, "codes": pack(self.codes, 16), "scale": float(self.scale),
-                 "SU": pack(self.SU < 0, 1), "SV": pack(self.SV < 0, 1)}
+                 "SU": pack_signs(self.SU), "SV": pack_signs(self.SV)}
         if self.resid_codes is not None:
             state["resid_codes"] = pack(self.resid_codes, self.codebook.resid_bits)
         return state
@@ -296,8 +292,7 @@ class QuipTensor:
         resid = state.get("resid_codes")
         if resid is not None:
             resid = unpack(resid, CODEBOOKS[spec].resid_bits, m * n // 8).reshape(m, n // 8)
-        SU = 1.0 - 2.0 * unpack(state["SU"], 1, n).double()
-        SV = 1.0 - 2.0 * unpack(state["SV"], 1, m).double()
+        SU, SV = unpack_signs(state["SU"], n), unpack_signs(state["SV"], m)
         return cls((m, n), codes, float(state["scale"]), SU, SV, int(state["seed"]), dtype_from_name(state["dtype"]),
                    spec, resid)
 

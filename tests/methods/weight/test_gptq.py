@@ -248,3 +248,40 @@ def test_inputs_dead_in_calibration_keep_their_weights(real_layer):
 def test_empty_calibration_is_a_clear_error():
     with pytest.raises(ValueError, match="at least one calibration input"):
         hessian(torch.zeros(0, 256))
+
+
+def test_rotated_gptq_is_gptq_of_the_rotated_weight_against_the_rotated_hessian(real_layer):
+    """rotate=True quantizes W' = V S_V W S_U V^T with H' = V S_U H S_U V^T: the codes of a direct gptq call on
+    them, rotated back; against H itself (not H') the codes differ."""
+    from qlab.core.rotations import RandomizedHadamard
+    from qlab.methods.weight.gptq import gptq_method
+
+    W, X = real_layer
+    W, X = W[:48], X[:256]
+    spec = "int3-g128-asym-minmax"
+    qt = gptq_method([W], [X[:128], X[128:]], spec, rotate=True, seed=2).qweights[0]
+    acc = HessianAccumulator(576)
+    acc.add(X[:128]), acc.add(X[128:])
+    R = RandomizedHadamard(48, 576, seed=2)
+    Wr, Hr = R.weight(W.double()).float(), R.hessian(acc.H.double()).float()
+    direct = gptq(Wr, Hr, spec)
+    assert torch.equal(qt.inner.codes(), direct.codes()) and torch.equal(qt.inner.scales(), direct.scales())
+    assert torch.equal(qt.dequantize(), R.weight_inverse(direct.dequantize().double()).float())
+    assert not torch.equal(qt.inner.codes(), gptq(Wr, acc.H, spec).codes())
+    # and the rotation pays on this layer's correlated inputs with outliers: lower output error than plain GPTQ
+    plain = gptq_method([W], [X], spec).qweights[0]
+    assert output_error(W, qt.dequantize(), X) < output_error(W, plain.dequantize(), X)
+
+
+def test_rotated_gptq_group_shares_one_input_rotation(real_layer):
+    from qlab.methods.weight.gptq import gptq_group
+
+    W, X = real_layer
+    H = hessian(X[:256])
+    W = W.double()  # float64, so no BLAS blocking can flip a rounding between the stacked and the single sweep
+    q, k = gptq_group([W[:64], W[64:96]], H, "int4-g128-asym-minmax", rotate=True, seed=1)
+    assert torch.equal(q.SU, k.SU) and q.shape == (64, 576) and k.shape == (32, 576) and k.dtype == torch.float64
+    alone = gptq_group([W[64:96]], H, "int4-g128-asym-minmax", rotate=True, seed=1)[0]
+    assert torch.equal(k.inner.codes(), alone.inner.codes())  # the stacked sweep gives each its own codes
+    with pytest.raises(ValueError, match="no Hadamard construction for n = 100"):
+        gptq_group([torch.randn(8, 100)], torch.eye(100), "int4-channel", rotate=True)
