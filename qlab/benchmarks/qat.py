@@ -411,16 +411,17 @@ def ptq_rows(runs: list[QATRun], out_dir, protocol: EvalProtocol = PROTOCOL, cal
     """GPTQ and AWQ next to the QAT runs (``ptq_configs``), through ``qlab.eval.sweep.run_sweep`` on the same
     evaluation windows (results cached in ``<out_dir>/ptq``). Returns {spec: {method: {ppl, kl_mean, top1,
     quantized_bpw, quant_seconds}}}."""
-    from qlab.eval.sweep import run_sweep
+    from qlab.eval.sweep import config_key, run_sweep
 
     configs = ptq_configs(runs, calib_windows)
     if not configs:
         return {}
     kwargs = {} if load is None else {"load": load}
-    df = run_sweep(configs, protocol, Path(out_dir) / "ptq", **kwargs)
+    df = run_sweep(configs, protocol, Path(out_dir) / "ptq", **kwargs).set_index("key")
     out = {}
-    for _, r in df.iterrows():
-        method, spec = r["label"].split(":", 1)
+    for c in configs:  # rows are found by their key (a stored row of the same job may carry another label)
+        method, spec = c["label"].split(":", 1)
+        r = df.loc[config_key(c, protocol)]
         out.setdefault(spec, {})[method] = {k: float(r[k]) for k in
                                             ("ppl", "ppl_ref", "kl_mean", "top1", "quantized_bpw", "quant_seconds")}
     return out
