@@ -25,7 +25,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not (1 <= bits <= 8 or bits == 16):
         raise ValueError(f"can pack 1 to 8 or 16 bits per code, got {bits}")
     c = codes.reshape(-1)
-    if c.numel():
+    if c.numel() and not (bits == 8 and c.dtype == torch.uint8):  # every uint8 is an 8-bit code
         lo, hi = torch.aminmax(c)
         if int(lo) < 0 or int(hi) >= 2**bits:  # as Python ints: 2**8 does not fit a uint8 tensor
             raise ValueError(f"codes must lie in [0, {2**bits}) to be packed in {bits} bits")

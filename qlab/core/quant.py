@@ -5,6 +5,8 @@ byte), the scales (in their storage dtype), the zero points or minima, and the s
 exact inverse on the grid: re-quantizing a dequantized tensor with the same scales gives the same codes.
 ``fake_quant`` gives the same numbers without packing; ``fake_quant_ste`` adds a straight-through gradient.
 """
+from typing import NamedTuple
+
 import torch
 
 from qlab.core import scales as _scales
@@ -13,8 +15,9 @@ from qlab.core.spec import DOUBLE_QUANT_SPEC, SCALE_DTYPES, QuantSpec
 from qlab.core.tensor import QuantizedTensor
 
 
-def validate(x: torch.Tensor, what: str = "tensor"):
-    """Raise a clear ValueError for tensors quantization cannot take."""
+def validate(x: torch.Tensor, what: str = "tensor", finite: bool = True):
+    """Raise a clear ValueError for tensors quantization cannot take. ``finite=False`` leaves out the NaN/Inf
+    check (a pass over x), for callers that make it themselves (``_qparams`` reads it off the groups' ranges)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.numel() == 0:
@@ -23,6 +26,12 @@ def validate(x: torch.Tensor, what: str = "tensor"):
         raise ValueError(f"{what} must be floating point, got {x.dtype}; it is already quantized?")
     if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
         raise ValueError(f"{what} is {x.dtype}, already an 8-bit float; pass x.float() to re-quantize its values")
+    if finite:
+        check_finite(x, what)
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor"):
+    """Raise a ValueError counting the NaN/Inf values of x, if it has any."""
     lo, hi = torch.aminmax(x.detach())  # NaN propagates through both; one pass, no boolean copy of x
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
         bad = (~torch.isfinite(x)).sum().item()
@@ -87,25 +96,44 @@ def _given(name, value, n_groups):
     return v
 
 
-def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None):
-    """Scale and zero point (or float minimum) per group (chosen by the spec's rule, or the given ones
-    checked), as used for rounding, plus the scale as stored (a tensor, or a QuantizedTensor under double
-    quantization) and its offset, and the all-zero groups (their stored scale is 0; None if there are none).
-    Returns (scale, zero_point, minimum, stored_scale, scale_offset, zero_groups)."""
+class QParams(NamedTuple):
+    """What _qparams chose for the groups G (one entry per group)."""
+
+    scale: torch.Tensor  # float32, as used for rounding
+    zero_point: torch.Tensor | None
+    minimum: torch.Tensor | None  # float minima ('fmin' specs)
+    stored_scale: object  # the scale as stored: a tensor, or a QuantizedTensor under double quantization
+    scale_offset: float  # what double quantization subtracted from the scales before quantizing them
+    zero_groups: torch.Tensor | None  # all-zero groups (their stored scale is 0), None if there are none
+    bound: float | None  # an upper bound on |G / scale| (absmax rule), which lets the encoder skip its clamp
+
+
+def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None) -> QParams:
+    """Scale and zero point (or float minimum) per group, chosen by the spec's rule, or the given ones
+    checked (see QParams). Raises for NaN/Inf in G: the callers' validate(finite=False) leaves that check
+    here, where the groups' ranges find it without another pass over G."""
     grid = spec.grid
     cast = _cast_scale(SCALE_DTYPES[spec.scale_dtype])
     cast_min = _cast_min(SCALE_DTYPES[spec.scale_dtype])
-    zero_groups = None
+    zero_groups = bound = None
+    if scale is not None or spec.rule == "none":
+        check_finite(G)
     if scale is None and spec.rule == "none":
         scale, zero_point = _scales.choose_qparams(G, mask, grid, "none", spec.symmetric, cast)
     elif scale is None:
         raw, offset = _full_range(G, mask, spec)  # one pass over the groups: the rule's range
+        if not torch.isfinite(raw).all():  # a NaN/Inf makes its group's range NaN/Inf: validate() left this out
+            check_finite(G)  # (finite groups whose range overflows pass, and fail the scale cast below)
         zero_groups = _check_underflow(raw, spec)
         if spec.rule == "mse":  # searches clipped ranges below the full one
             scale, offset = _scales.choose_qparams(G, mask, grid, "mse", spec.symmetric and not spec.float_min, cast,
                                                    spec.float_min, cast_min)
         else:  # the rule's own answer is the full range (what choose_qparams would compute again)
             scale, offset = cast(raw), (cast_min(offset) if spec.float_min else offset)
+        if spec.rule == "absmax" and not spec.double_quant:
+            # |x| <= raw·max_abs up to raw's rounding (2^-24), so |x / scale| <= raw·max_abs / scale, up to
+            # that and the division's rounding: 1e-6 covers both
+            bound = float((raw.double() * grid.max_abs / scale.double()).max()) * (1 + 1e-6)
         if spec.float_min:
             minimum = offset
         else:
@@ -138,7 +166,7 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None
         stored_scale = torch.where(zero_groups, torch.zeros_like(scale), scale)
     else:
         zero_groups = None
-    return scale, zero_point, minimum, stored_scale, scale_offset, zero_groups
+    return QParams(scale, zero_point, minimum, stored_scale, scale_offset, zero_groups, bound)
 
 
 def qparams(x: torch.Tensor, spec) -> tuple:
@@ -146,10 +174,10 @@ def qparams(x: torch.Tensor, spec) -> tuple:
     ``quantize(x, spec)`` rounds with, flat, as float32: ``quantize(x, spec).scales().reshape(-1)`` without
     quantizing anything."""
     spec = QuantSpec.parse(spec)
-    validate(x)
+    validate(x, finite=False)  # _qparams checks for NaN/Inf
     G, mask = spec.granularity.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _, _ = _qparams(G, mask, spec)
-    return scale, (minimum if spec.float_min else zero_point)
+    p = _qparams(G, mask, spec)
+    return p.scale, (p.minimum if spec.float_min else p.zero_point)
 
 
 def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None, minimum=None) -> QuantizedTensor:
@@ -157,14 +185,13 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None, minimum=None
     ``minimum`` for 'fmin' specs), one per group, to reuse existing quantization parameters instead of
     choosing new ones."""
     spec = QuantSpec.parse(spec)
-    validate(x)
+    validate(x, finite=False)  # _qparams checks for NaN/Inf
     grid, gran = spec.grid, spec.granularity
     G, mask = gran.to_groups(x.detach().float())
-    scale, zero_point, minimum, stored_scale, scale_offset, _ = _qparams(G, mask, spec, scale, zero_point, minimum)
-    X = _scales.scaled_groups(G, scale, zero_point, minimum)  # a fresh tensor: codes = encode(round(X)) in place
-    codes = grid.encode_nearest(X, torch.uint8 if grid.bits <= 8 else torch.int64, overwrite=True)
-    codes = gran.from_groups(codes, x.shape)
+    p = _qparams(G, mask, spec, scale, zero_point, minimum)
+    codes = gran.from_groups(_encode_groups(G, p, grid), x.shape)
     scale_shape = gran.scale_shape(tuple(x.shape))
+    stored_scale = p.stored_scale
     if not isinstance(stored_scale, QuantizedTensor):
         stored_scale = stored_scale.to(SCALE_DTYPES[spec.scale_dtype]).reshape(scale_shape)
     return QuantizedTensor(
@@ -173,10 +200,32 @@ def quantize(x: torch.Tensor, spec, *, scale=None, zero_point=None, minimum=None
         dtype=x.dtype,
         packed=pack(codes, grid.bits),
         scale=stored_scale,
-        zero_point=None if zero_point is None else zero_point.to(torch.int64).reshape(scale_shape),
-        scale_offset=scale_offset,
-        minimum=None if minimum is None else minimum.to(SCALE_DTYPES[spec.scale_dtype]).reshape(scale_shape),
+        zero_point=None if p.zero_point is None else p.zero_point.to(torch.int64).reshape(scale_shape),
+        scale_offset=p.scale_offset,
+        minimum=None if p.minimum is None else p.minimum.to(SCALE_DTYPES[spec.scale_dtype]).reshape(scale_shape),
     )
+
+
+def _encode_groups(G, p: QParams, grid, slab: int = 1 << 20, one_pass: int = 1 << 23) -> torch.Tensor:
+    """The codes of the groups G: grid.encode_nearest(G / scale + zero_point) (or (G - minimum) / scale), the
+    float temporary rounded in place. Up to ``one_pass`` values (32 MB) at once; larger G a ``slab`` of 2^20
+    values at a time, as glibc hands out blocks above 32 MB as fresh memory every time, which the kernel
+    zero-fills page by page (at 4096 x 4096: 16k page faults, more time than the arithmetic). Not always in
+    slabs: each is a few more torch calls, and with two threads on a busy machine every call can stall.
+    Elementwise, so slabs change no code."""
+    dtype = torch.uint8 if grid.bits <= 8 else torch.int64
+
+    def encode(rows, cols):
+        per_group = [None if t is None else t[rows] for t in (p.scale, p.zero_point, p.minimum)]
+        X = _scales.scaled_groups(G[rows, cols], *per_group)
+        return grid.encode_nearest(X, dtype, overwrite=True, bound=p.bound)
+
+    if G.numel() <= one_pass:
+        return encode(slice(None), slice(None))
+    codes = torch.empty(G.shape, dtype=dtype)
+    for rows, cols in _scales.slabs(G.shape, slab):
+        codes[rows, cols] = encode(rows, cols)
+    return codes
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
@@ -189,7 +238,7 @@ def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
     The same numbers as ``quantize(x, spec).dequantize()``, without encoding and packing the codes (the
     inner loop of the searches in AWQ and the scale rules calls this many times per layer)."""
     spec = QuantSpec.parse(spec)
-    validate(x)
+    validate(x, finite=False)  # _qparams checks for NaN/Inf
     G, x_hat, _ = _fake_quant_groups(x, spec)
     return spec.granularity.from_groups(x_hat, tuple(x.shape)).to(x.dtype)
 
@@ -197,11 +246,11 @@ def fake_quant(x: torch.Tensor, spec) -> torch.Tensor:
 def _fake_quant_groups(x, spec: QuantSpec):
     """(groups of x, their reconstruction, (scale, zero_point, minimum)) with the spec's granularity."""
     G, mask = spec.granularity.to_groups(x.detach().float())
-    scale, zero_point, minimum, _, _, zero_groups = _qparams(G, mask, spec)
-    x_hat = _scales.fake_quant_groups(G, scale, zero_point, spec.grid, minimum)
-    if zero_groups is not None:
-        x_hat = x_hat.masked_fill(zero_groups[:, None], 0.0)
-    return G, x_hat, (scale, zero_point, minimum)
+    p = _qparams(G, mask, spec)
+    x_hat = _scales.fake_quant_groups(G, p.scale, p.zero_point, spec.grid, p.minimum)
+    if p.zero_groups is not None:
+        x_hat = x_hat.masked_fill(p.zero_groups[:, None], 0.0)
+    return G, x_hat, (p.scale, p.zero_point, p.minimum)
 
 
 def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
@@ -223,7 +272,7 @@ def fake_quant_ste(x: torch.Tensor, spec, clipped: bool = True) -> torch.Tensor:
     tensor([1., 1., 1.])
     """
     spec = QuantSpec.parse(spec)
-    validate(x.detach())
+    validate(x.detach(), finite=False)  # _qparams checks for NaN/Inf
     gran = spec.granularity
     G, x_hat, (scale, zero_point, minimum) = _fake_quant_groups(x, spec)
     x_hat = gran.from_groups(x_hat, tuple(x.shape))

@@ -19,6 +19,7 @@ GPTQ with ``rotate=True``), and outside the core ``qlab.gguf.GGUFTensor`` (llama
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 import math
 from typing import Protocol, runtime_checkable
 
@@ -84,6 +85,14 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+@lru_cache(maxsize=None)
+def _nibble_pairs(grid) -> torch.Tensor:
+    """For each byte value b, the float32 values of its two 4-bit codes (b & 15 first, as packed), as one
+    int64: index_select gathers 8 bytes per packed byte in one pass."""
+    codes = unpack(torch.arange(256, dtype=torch.uint8), 4, 512, torch.uint8)
+    return grid.decode(codes).view(torch.int64)
+
+
 @register_kind
 @dataclass
 class QuantizedTensor:
@@ -123,17 +132,20 @@ class QuantizedTensor:
         return self.scale.float()
 
     def values(self) -> torch.Tensor:
-        """Grid values q of the codes (before scaling), in the tensor's shape."""
-        bits = self.spec.bits  # codes of <= 8 bits unpack to uint8: an eighth of int64's memory
-        codes = unpack(self.packed, bits, self.numel, torch.uint8 if bits <= 8 else torch.int64)
+        """Grid values q of the codes (before scaling), in the tensor's shape, in a fresh tensor."""
+        bits = self.spec.bits
+        if bits == 4:  # one lookup per byte, of its two codes' values (~10x faster than unpacking the codes)
+            pairs = _nibble_pairs(self.spec.grid).index_select(0, self.packed.to(torch.int32))
+            return pairs.view(torch.float32)[: self.numel].reshape(self.shape)
+        codes = unpack(self.packed, bits, self.numel, torch.uint8 if bits <= 8 else torch.int64)  # uint8: 1/8 of int64
         return self.spec.grid.decode(codes.reshape(self.shape))
 
     def dequantize(self) -> torch.Tensor:
         gran = self.spec.granularity
-        Q, _ = gran.to_groups(self.values())
+        Q, _ = gran.to_groups(self.values())  # a fresh tensor (grids decode into new memory): scaled in place
         zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()
         mn = None if self.minimum is None else self.minimum.reshape(-1).float()
-        x_hat = _scales.dequantize_groups(Q, self.scales().reshape(-1), zp, mn)
+        x_hat = _scales.dequantize_groups(Q, self.scales().reshape(-1), zp, mn, overwrite=True)
         return gran.from_groups(x_hat, self.shape).to(self.dtype)
 
     # ---- honest size -------------------------------------------------------------------------

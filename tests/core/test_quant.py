@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from qlab.core.quant import fake_quant, qparams, quantize
+from qlab.core.quant import _encode_groups, _qparams, fake_quant, qparams, quantize
+from qlab.core.packing import pack
 from qlab.core.spec import QuantSpec
 from qlab.core.tensor import QuantizedTensor
 from qlab.core.granularity import PerGroup
@@ -160,9 +161,70 @@ def test_bad_specs(text, message):
         QuantSpec.parse(text)
 
 
+@pytest.mark.parametrize("text", ["int8", "int8-tensor", "int4-g16-asym-minmax", "int4-g16-asym-minmax-fmin",
+                                  "int3-g16-sym-mse", "int3-g16-asym-mse", "ternary", "fp16", "nf4", "fp8_e4m3"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_rule_counts_nan_and_inf_without_a_separate_pass(text, bad, gen):
+    """validate(finite=False) leaves the check to the groups' ranges: each entry point still refuses, and
+    counts, NaN/Inf anywhere, the padded last group of 40 = 16 + 16 + 8 included."""
+    x = torch.randn(4, 40, generator=gen)
+    x[1, 5], x[3, 39] = bad, bad
+    for fn in (lambda: quantize(x, text), lambda: fake_quant(x, text), lambda: qparams(x, text)):
+        with pytest.raises(ValueError, match=r"tensor has 2 NaN/Inf value\(s\)"):
+            fn()
+    given = quantize(torch.randn(4, 40, generator=gen), "int4-g16")
+    with pytest.raises(ValueError, match=r"tensor has 2 NaN/Inf value\(s\)"):
+        quantize(x, "int4-g16", scale=given.scales())
+
+
+@pytest.mark.parametrize("text", ["int8-channel", "int8-channel-sbf16", "int8-tensor-full", "int4-g32-sbf16", "int2-g16",
+                                  "fp8_e4m3", "fp8_e5m2-channel-sbf16", "fp8_e4m3-token-sfp16"])
+def test_absmax_bound_holds_and_codes_are_the_clamped_rounding(text, gen):
+    """The bound _qparams hands the encoder (so that it may skip its clamp) is >= every |x / scale|, and the
+    codes are those of the clamped rounding, with scales rounded down (bf16) as well as up."""
+    x = torch.randn(64, 96, generator=gen) * torch.logspace(-3, 3, 96)
+    spec = QuantSpec.parse(text)
+    G, mask = spec.granularity.to_groups(x)
+    p = _qparams(G, mask, spec)
+    X = G / p.scale[:, None]
+    assert p.bound >= float(X.abs().max()) and p.bound <= float(X.abs().max()) * (1 + 1e-5)
+    expected = spec.granularity.from_groups(spec.grid.encode(spec.grid.round(X)), x.shape)
+    assert torch.equal(quantize(x, text).codes(), expected)
+
+
+@pytest.mark.parametrize("text", ["int8-channel", "int4-g32-asym-minmax", "int4-g32-asym-minmax-fmin", "fp8_e4m3",
+                                  "nf4", "int3-tensor-asym-mse", "bf16"])
+def test_encoding_in_slabs_changes_no_code(text, gen):
+    """quantize encodes more than 2^23 values 2^20 at a time: slabs of several whole groups (100 or 1000
+    values of groups of 32) and pieces of one group (7 values; 100 of a channel of 160; per tensor, all
+    three) give the codes of a single pass."""
+    x = torch.randn(24, 160, generator=gen) * 3
+    spec = QuantSpec.parse(text)
+    G, mask = spec.granularity.to_groups(x)
+    p = _qparams(G, mask, spec)
+    whole = _encode_groups(G, p, spec.grid)
+    for slab in (7, 100, 1000):
+        assert torch.equal(_encode_groups(G, p, spec.grid, slab=slab, one_pass=0), whole)
+    assert torch.equal(spec.granularity.from_groups(whole, x.shape), quantize(x, text).codes().to(whole.dtype))
+
+
+@pytest.mark.parametrize("text", ["int4-g32", "int4-g32-full", "int4-g32-asym-minmax", "nf4", "fp4_e2m1"])
+def test_4_bit_values_by_byte_pairs_are_the_decoded_codes(text, gen):
+    """values() of 4-bit codes looks each byte up in a table of value pairs: the same floats as unpacking the
+    codes and decoding them one by one, an odd number of codes (a half-used last byte) included."""
+    qt = quantize(torch.randn(7, 45, generator=gen), text)
+    codes = torch.randint(0, 16, (7 * 45,), generator=gen)
+    qt.packed = pack(codes, 4)
+    expected = qt.spec.grid.decode(codes).reshape(7, 45)
+    assert torch.equal(qt.values().view(torch.int32), expected.view(torch.int32))  # -0.0 included
+    assert torch.equal(qt.codes(), codes.reshape(7, 45))
+
+
 def test_scale_overflow_is_reported_not_silent():
     with pytest.raises(ValueError, match="overflows"):
         quantize(torch.tensor([1e9, 1.0]), "int8-tensor")
+    with pytest.raises(ValueError, match="overflows"):  # finite values whose range overflows float32 itself
+        quantize(torch.tensor([3e38, -3e38]), "int8-tensor-asym-minmax-sfp32")
 
 
 def test_quantized_tensor_type_and_repr(weight):

@@ -20,6 +20,7 @@ tensor([  0.3125, 448.0000])
 """
 from dataclasses import dataclass
 from functools import lru_cache
+import math
 
 import torch
 
@@ -64,6 +65,11 @@ class FloatGrid:
         return 2.0 ** (1 - self.bias - self.man_bits)
 
     @property
+    def max_step(self) -> float:
+        """The spacing of the top binade, the one max sits in: 32 for E4M3 (448 = 1.75 * 2^8), 8192 for E5M2."""
+        return 2.0 ** (math.frexp(self.max)[1] - 1 - self.man_bits)
+
+    @property
     def eps(self) -> float:
         """Machine epsilon: the gap between 1.0 and the next representable value."""
         return 2.0 ** -self.man_bits
@@ -76,14 +82,18 @@ class FloatGrid:
             return torch.clamp(x.float(), -self.max, self.max).to(dtype).float()
         return self.round_arithmetic(x)
 
-    def encode_nearest(self, x: torch.Tensor, dtype: torch.dtype = torch.int64, overwrite: bool = False) -> torch.Tensor:
+    def encode_nearest(self, x: torch.Tensor, dtype: torch.dtype = torch.int64, overwrite: bool = False,
+                       bound: float | None = None) -> torch.Tensor:
         """The code of the nearest value (ties to even, saturating): encode(round(x)), for FP8 straight from
-        torch's cast. ``overwrite=True`` saturates in place in x (a float32 temporary the caller no longer needs)."""
+        torch's cast. ``overwrite=True`` saturates in place in x (a float32 temporary the caller no longer needs).
+        ``bound``: a B >= max|x| the caller knows; below max + half a step (464 for E4M3, 61440 for E5M2) the
+        cast itself rounds to max, and the saturating clamp (a pass over x) is left out."""
         torch_dtype = TORCH_DTYPES.get(self.name)
         if torch_dtype is not None and self.bits == 8:
-            x = x.clamp_(-self.max, self.max) if overwrite and not x.requires_grad and x.dtype == torch.float32 else \
-                torch.clamp(x.float(), -self.max, self.max)
-            return x.to(torch_dtype).view(torch.uint8).to(dtype)
+            if bound is None or not bound < self.max + self.max_step / 2:
+                x = x.clamp_(-self.max, self.max) if overwrite and not x.requires_grad and x.dtype == torch.float32 \
+                    else torch.clamp(x.float(), -self.max, self.max)
+            return x.float().to(torch_dtype).view(torch.uint8).to(dtype)
         return self.encode(self.round(x), dtype)
 
     def round_arithmetic(self, x: torch.Tensor) -> torch.Tensor:
