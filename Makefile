@@ -117,8 +117,8 @@ qat-peer:
 
 # QAT of the embedded model vs RTN, a float control and torchao; BitNet b1.58 at tiny sizes (results/qat, results/bitnet)
 bench-qat: env
-	QLAB_TORCHAO_PEER=$(PEERS)/torchao OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.qat --configs int4-g64,float,int3,torchao-int4-g64,ternary-ptq --steps 12 --seq-len 128 --batch 2 --lr 1e-4 --warmup 2 --eval-windows 4 --every 3
-	OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.bitnet --sizes S,M --steps 200
+	QLAB_TORCHAO_PEER=$(PEERS)/torchao OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.qat --configs int4-g64,float,int3,w4a8,int2,torchao-int4-g64,ternary-ptq --steps 40 --seq-len 128 --batch 2 --lr 1e-4 --warmup 2 --eval-windows 16 --every 5 --calib 32
+	OMP_NUM_THREADS=1 $(BIN)/python -m qlab.benchmarks.bitnet --sizes S,M,L --steps 200
 
 # qlab's GPTQ / RTN / NF4 next to the peers: same model, windows and evaluation, one thread each (about 1 h)
 bench-peers: env
