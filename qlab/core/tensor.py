@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from qlab.core import scales as _scales
+from qlab.core.decode4 import decode4, run_length
 from qlab.core.packing import pack, packed_nbytes, unpack
 from qlab.core.rotations import RandomizedHadamard, check_signs
 from qlab.core.spec import SCALE_DTYPES, QuantSpec
@@ -93,6 +94,12 @@ def _nibble_pairs(grid) -> torch.Tensor:
     return grid.decode(codes).view(torch.int64)
 
 
+@lru_cache(maxsize=None)
+def _grid_table(grid) -> torch.Tensor:
+    """The float32 values of a 4-bit grid's 16 codes."""
+    return grid.decode(torch.arange(16, dtype=torch.uint8)).float()
+
+
 @register_kind
 @dataclass
 class QuantizedTensor:
@@ -142,6 +149,13 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         gran = self.spec.granularity
+        L = run_length(gran, self.shape) if self.spec.bits == 4 and self.packed.device.type == "cpu" else None
+        if L is not None and L % 2 == 0:  # one pass over the bytes, the same bits (unless autograd needs torch)
+            scale = self.scales().reshape(-1)
+            zp = None if self.zero_point is None else self.zero_point.reshape(-1)
+            if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (scale, zp, self.minimum))):
+                x_hat = decode4(self.packed, self.numel, _grid_table(self.spec.grid), L, scale, zp, self.minimum)
+                return x_hat.reshape(self.shape).to(self.dtype)
         Q, _ = gran.to_groups(self.values())  # a fresh tensor (grids decode into new memory): scaled in place
         zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()
         mn = None if self.minimum is None else self.minimum.reshape(-1).float()

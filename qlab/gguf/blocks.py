@@ -107,6 +107,13 @@ class BlockFormat:
         """``[B, type_size]`` uint8 -> ``[B, block_size]`` float32."""
         raise NotImplementedError
 
+    def quantize_ref(self, blocks: np.ndarray, out: np.ndarray) -> bool:
+        """Optional: the reference (no imatrix) path in one compiled pass, ``blocks [B, block_size]`` float32
+        straight into ``out [B, type_size]``, returning True when every value and every fp16 field came out
+        finite. On False (and for formats without such a loop) :meth:`quantize_rows` takes the general
+        path, which checks the input first and names what is wrong."""
+        return False
+
     # -- reshaping, shared by all formats
     def check_row(self, n: int) -> None:
         if n % self.block_size:
@@ -152,6 +159,11 @@ class BlockFormat:
         rows = np.ascontiguousarray(rows, dtype=F32)
         R, n = rows.shape
         self.check_row(n)
+        nb = n // self.block_size
+        if imatrix is None:  # the fast path: no pass over the data beforehand, the loop itself reports trouble
+            out = np.empty((R, nb * self.type_size), np.uint8)
+            if self.quantize_ref(rows.reshape(R * nb, self.block_size), out.reshape(R * nb, self.type_size)):
+                return out
         huge = np.zeros(R, bool)  # rows with an x² beyond float32: the weighted searches overflow there
         with np.errstate(over="ignore", invalid="ignore"):  # one pass: NaN, inf or x² > FLT_MAX make Σx² non-finite
             flat = rows.reshape(-1)
@@ -166,7 +178,6 @@ class BlockFormat:
             huge = np.abs(rows).max(axis=1) > np.sqrt(np.finfo(F32).max)
         if imatrix is not None:
             imatrix = self.check_imatrix(imatrix, n, name)
-        nb = n // self.block_size
         out = np.empty((R, nb * self.type_size), np.uint8)
         step = max(1, chunk_elems // n)
         for r0 in range(0, R, step):

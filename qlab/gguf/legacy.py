@@ -23,6 +23,8 @@ from numba import njit
 from qlab.gguf.blocks import BlockFormat, register, f16_field, read_f16
 from qlab.gguf.search import F32, _signed_max, make_qx_quants, make_qkx_quants
 
+I32 = np.int32
+
 
 def _importance(x, qw, sigma2):
     return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
@@ -39,9 +41,44 @@ def _unpack_high_bits(qh):
     return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
+# ---------------------------------------------------------------- fp16 fields written inside the loops
+
+@njit(cache=True, error_model="numpy")
+def f16_bits(v):
+    """The IEEE half of float32 ``v`` as its 16 bits: round to nearest even, as numpy and ggml (F16C) do;
+    beyond 65504 (from 65520 on) inf, NaN stays NaN (0x7E00)."""
+    w = np.float32(v).view(np.uint32)
+    sign = (w >> 16) & 0x8000
+    a = w & 0x7FFFFFFF                       # |v|'s bits
+    if a >= 0x7F800000:                      # inf or NaN
+        return sign | (0x7C00 if a == 0x7F800000 else 0x7E00)
+    if a >= 0x477FF000:                      # >= 65520: rounds past 65504
+        return sign | 0x7C00
+    if a >= 0x38800000:                      # >= 2^-14: a normal half, rebias the exponent (127 -> 15)
+        h, rest, half = (a >> 13) - 0x1C000, a & 0x1FFF, 0x1000
+    else:                                    # a subnormal half (or 0): the mantissa with its hidden bit,
+        e = a >> 23                          # shifted onto the half's unit 2^-24
+        if e < 102:                          # below 2^-25: rounds to 0
+            return sign
+        shift = 126 - e
+        m = (a & 0x7FFFFF) | 0x800000
+        h, rest, half = m >> shift, m & ((1 << shift) - 1), 1 << (shift - 1)
+    h += (rest > half) | ((rest == half) & (h & 1))  # ties to even, without a branch (a carry into the
+    return sign | h                                   # exponent is right); a branch here costs ~4x
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _put_f16(ob, at, v):
+    """Store ``v`` as a little-endian half at byte ``at``; False when it is inf or NaN there."""
+    h = f16_bits(v)
+    ob[at], ob[at + 1] = h & 0xFF, h >> 8
+    return (h & 0x7C00) != 0x7C00
+
+
 # ---------------------------------------------------------------- compiled block loops (llama.cpp's *_ref)
-# One pass per block, as the C: find the range, code each value, write the bytes. The fp16 fields
-# (d, m) are written afterwards from the float32 values these return (np.float16 rounds like ggml).
+# One pass per block, as the C: find the range, code each value, write the bytes. Q4_0/Q5_0/Q4_1/Q5_1 write
+# their fp16 fields (d, m) themselves (f16_bits); Q8_0 returns float32 d, stored afterwards by np.float16
+# (which rounds like ggml).
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _put_pair(ob, qs_at, qh_at, j, q0, q1, qh):
@@ -70,39 +107,57 @@ def _pack_codes(L, out, qs_at, qh_at):
         _put_qh(out[b], qh_at, qh)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _put_codes(xb, ob, qs_at, qh_at, lo, id_, add, top):
+    """Code the 32 values q = min(top, (int)((x - lo)·id + add)) into the block's nibbles at ``qs_at`` (and
+    fifth bits at ``qh_at``; None: none, and numba compiles them away). True when a value was NaN."""
+    qs, qh, nan = ob[qs_at:qs_at + 16], 0, False
+    for j in range(16):   # int32 as the C's (int8_t) cast: int64 conversions keep this loop scalar (2x slower)
+        v0, v1 = (xb[j] - lo) * id_ + add, (xb[j + 16] - lo) * id_ + add
+        nan |= (v0 != v0) | (v1 != v1)
+        q0, q1 = min(top, I32(v0)), min(top, I32(v1))
+        qs[j] = (q0 & 0xF) | ((q1 & 0xF) << 4)
+        if qh_at is not None:
+            qh |= (((q0 >> 4) & 1) << j) | (((q1 >> 4) & 1) << (j + 16))
+    if qh_at is not None:
+        _put_qh(ob, qh_at, qh)
+    return nan
+
+
 @njit(cache=True, error_model="numpy")
-def _symmetric_ref(x, offset, d, out, qs_at, qh_at):
-    """Q4_0 / Q5_0: d = signed extreme / -offset, q = min(2·offset - 1, (int)(x/d + offset + 0.5))."""
-    top, half = 2 * offset - 1, F32(offset) + F32(0.5)
+def _symmetric_ref(x, offset, out, qs_at, qh_at):
+    """Q4_0 / Q5_0: d = signed extreme / -offset, q = min(2·offset - 1, (int)(x/d + offset + 0.5)); d stored
+    as a half at byte 0. True when every x and every half is finite (an inf makes d inf; x - 0 is x, exactly)."""
+    top, half = I32(2 * offset - 1), F32(offset) + F32(0.5)
+    ok = True
     for b in range(x.shape[0]):
-        xb, ob, qh = x[b], out[b], 0
+        xb, ob = x[b], out[b]
         _, vmax = _signed_max(xb)
         db = vmax / F32(-offset)
         id_ = F32(1) / db if db != 0 else F32(0)
-        for j in range(16):   # int(): C's truncating cast
-            qh = _put_pair(ob, qs_at, qh_at, j, min(top, int(xb[j] * id_ + half)), min(top, int(xb[j + 16] * id_ + half)), qh)
-        _put_qh(ob, qh_at, qh)
-        d[b] = db
+        nan = _put_codes(xb, ob, qs_at, qh_at, F32(0), id_, half, top)
+        ok &= _put_f16(ob, 0, db) & (not nan)
+    return ok
 
 
 @njit(cache=True, error_model="numpy")
-def _affine_ref(x, qmax, d, m, out, qs_at, qh_at):
-    """Q4_1 / Q5_1: d = (max - min)/qmax, q = (int)((x - min)/d + 0.5) (capped at 15 for Q4_1, as the C)."""
-    top = 15 if qmax == 15 else 255
+def _affine_ref(x, qmax, out, qs_at, qh_at):
+    """Q4_1 / Q5_1: d = (max - min)/qmax, q = (int)((x - min)/d + 0.5) (capped at 15 for Q4_1, as the C);
+    d and m = min stored as halves at bytes 0 and 2. Returns True when every x and every half is finite:
+    an inf lands in the range, so in d or m; a NaN makes its (x - min)/d + 0.5 NaN."""
+    top = I32(15 if qmax == 15 else 255)
+    ok = True
     for b in range(x.shape[0]):
-        xb, ob, qh = x[b], out[b], 0
+        xb, ob = x[b], out[b]
         lo, hi = xb[0], xb[0]
         for j in range(1, 32):   # the C's comparisons: on a tie (0.0 vs -0.0) the first one stays
             lo = xb[j] if xb[j] < lo else lo
             hi = xb[j] if xb[j] > hi else hi
         db = (hi - lo) / F32(qmax)
         id_ = F32(1) / db if db != 0 else F32(0)
-        for j in range(16):
-            q0 = min(top, int((xb[j] - lo) * id_ + F32(0.5)))
-            q1 = min(top, int((xb[j + 16] - lo) * id_ + F32(0.5)))
-            qh = _put_pair(ob, qs_at, qh_at, j, q0, q1, qh)
-        _put_qh(ob, qh_at, qh)
-        d[b], m[b] = db, lo
+        nan = _put_codes(xb, ob, qs_at, qh_at, lo, id_, F32(0.5), top)
+        ok &= _put_f16(ob, 0, db) & _put_f16(ob, 2, lo) & (not nan)
+    return ok
 
 
 @njit(cache=True, error_model="numpy")
@@ -146,14 +201,16 @@ class _Symmetric(_Legacy):
     def offset(self):
         return 1 << (self.bits - 1)
 
+    def quantize_ref(self, blocks, out):
+        return _symmetric_ref(blocks, self.offset, out, self.qs_at, None if self.qh_at < 0 else self.qh_at)
+
     def quantize_blocks(self, x, qw, sigma2):
         out = np.empty((x.shape[0], self.type_size), np.uint8)
         if qw is None:
-            d = np.empty(x.shape[0], F32)
-            _symmetric_ref(np.ascontiguousarray(x, dtype=F32), self.offset, d, out, self.qs_at, self.qh_at)
-        else:
-            d, L = make_qx_quants(x, self.offset, _importance(x, qw, sigma2))
-            self._pack(L, out)
+            self.quantize_ref(np.ascontiguousarray(x, dtype=F32), out)  # non-finite halves: refused by quantize_rows
+            return out
+        d, L = make_qx_quants(x, self.offset, _importance(x, qw, sigma2))
+        self._pack(L, out)
         f16_field(out, 0)[:] = d
         return out
 
@@ -179,17 +236,17 @@ class _Affine(_Legacy):
 
     f16_offsets = (0, 2)
 
+    def quantize_ref(self, blocks, out):
+        return _affine_ref(blocks, (1 << self.bits) - 1, out, self.qs_at, None if self.qh_at < 0 else self.qh_at)
+
     def quantize_blocks(self, x, qw, sigma2):
-        qmax = (1 << self.bits) - 1
         out = np.empty((x.shape[0], self.type_size), np.uint8)
         if qw is None:
-            d, m = np.empty(x.shape[0], F32), np.empty(x.shape[0], F32)
-            _affine_ref(np.ascontiguousarray(x, dtype=F32), qmax, d, m, out, self.qs_at, self.qh_at)
-        else:
-            d, neg_min, L = make_qkx_quants(x, qmax, _importance(x, qw, sigma2), -0.9, 0.05, 36, False)
-            m = -neg_min
-            self._pack(L, out)  # Q5_1: the C stores (uint8_t) codes, then masks nibble and bit 4
-        f16_field(out, 0)[:], f16_field(out, 2)[:] = d, m
+            self.quantize_ref(np.ascontiguousarray(x, dtype=F32), out)  # non-finite halves: refused by quantize_rows
+            return out
+        d, neg_min, L = make_qkx_quants(x, (1 << self.bits) - 1, _importance(x, qw, sigma2), -0.9, 0.05, 36, False)
+        self._pack(L, out)  # Q5_1: the C stores (uint8_t) codes, then masks nibble and bit 4
+        f16_field(out, 0)[:], f16_field(out, 2)[:] = d, -neg_min
         return out
 
     def dequantize_blocks(self, data):

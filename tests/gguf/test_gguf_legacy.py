@@ -81,3 +81,41 @@ def test_edge_blocks_match_gguf_package(name):
     rows[4, 5] = 1e4
     rows[5, 31] = 1e-30                                        # a subnormal-scale block beside a zero one
     assert np.array_equal(fmt.quantize_rows(rows), gguf.quants.quantize(rows, fmt.ggml_type))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q4_1", "Q5_1"])
+def test_one_pass_loop_reports_every_non_finite_value_or_half(name):
+    """quantize_ref (no checks beforehand) says False for a NaN or inf at any position of a block, and for a
+    half that overflows; quantize_rows then refuses the input with the general path's message."""
+    fmt = qg.get_format(name)
+    x = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
+    out = np.empty((4, fmt.type_size), np.uint8)
+    assert fmt.quantize_ref(x, out)
+    for j in range(32):
+        for bad in (np.nan, np.inf, -np.inf, 3e6, -3e6):   # ±3e6: |d| > 65504 (or m < -65504)
+            y = x.copy()
+            y[2, j] = bad
+            assert not fmt.quantize_ref(y, out), (j, bad)
+    y = x.copy()
+    y[2, 5] = 3e6
+    with pytest.raises(ValueError, match=rf"{name}: input is too large for fp16 block scales \(row 2"):
+        fmt.quantize_rows(y)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q5_1"])
+def test_signed_zero_minimum_and_fp16_edges_match_llamacpp(name, peer):
+    """m keeps the sign of the block's first zero, as the C's strict comparisons do (the gguf package's np.min
+    does not); d and m on fp16 ties, below the smallest half, and near 65504."""
+    fmt = qg.get_format(name)
+    rows = np.zeros((4, 64), np.float32)
+    rows[0, :32:2] = -0.0                                                   # first zero -0.0: m = -0.0
+    rows[0, 33::2] = -0.0                                                   # first zero +0.0: m = +0.0
+    rows[0, 40] = 1.0
+    rows[1, :32] = np.float32(1 + 2**-11)                                   # m on a tie between two halves
+    rows[1, 31] = np.float32(1 + 2**-11) + np.float32((1 << fmt.bits) - 1) * np.float32(1 + 3 * 2**-11)
+    rows[2, :32] = np.float32(2**-25)                                       # m rounds to 0 (tie to even)
+    rows[2, 32:] = np.linspace(-3e-8, 3e-8, 32, dtype=np.float32)           # subnormal halves
+    rows[3] = np.random.default_rng(2).standard_normal(64).astype(np.float32) * 15000
+    ours = fmt.quantize_rows(rows)
+    assert ours[0, 3] == 0x80 and ours[0, fmt.type_size + 3] == 0x00        # the two minima's sign bytes
+    assert np.array_equal(ours, peer.ggml_quantize(rows, name))

@@ -1,0 +1,86 @@
+"""One-pass decoder of packed 4-bit codes: each byte read once, both of its values written already scaled.
+
+``QuantizedTensor.dequantize`` of a 4-bit grid (NF4, FP4, int4) otherwise looks the values up (one pass
+writing float32) and then scales them in place (a second pass over the same memory). When every scale
+covers a run of ``L`` consecutive values of the flattened tensor (per block, per tensor, per row, or groups
+along the last dim that divide it) and ``L`` is even, no group starts inside a byte, and one loop does it:
+
+    x_hat[2j]   = (table[byte_j & 15] - zero_point) * scale        (or table[.] * scale + minimum)
+    x_hat[2j+1] = (table[byte_j >> 4] - zero_point) * scale
+
+with the same float32 operations, in the same order, as the two-pass path: the same bits.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+
+from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
+
+
+def run_length(gran, shape) -> int | None:
+    """How many consecutive values of the flattened tensor share one scale (the last run may be shorter),
+    or None when the groups are not such runs (groups along another axis, padded groups inside the tensor)."""
+    n = math.prod(shape)
+    if not shape or n == 0:
+        return None
+    if isinstance(gran, PerBlock):
+        return gran.size
+    if isinstance(gran, PerTensor):
+        return n
+    if isinstance(gran, PerToken):
+        return shape[-1]
+    if isinstance(gran, PerGroup) and gran.axis == -1 and shape[-1] % gran.size == 0:
+        return gran.size
+    if isinstance(gran, PerChannel) and gran.axis in (0, -len(shape)):
+        return n // shape[0]
+    return None
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _scaled(v, s, zp, mn, zero_point, minimum):
+    """One value, as the two-pass path computes it: q·scale + minimum, (q - zero_point)·scale or q·scale
+    (``zero_point`` / ``minimum`` None: numba compiles the branch away)."""
+    if minimum is not None:
+        return v * s + mn
+    if zero_point is not None:
+        return (v - zp) * s
+    return v * s
+
+
+@njit(cache=True, error_model="numpy")
+def _decode4(packed, table, L, scale, zero_point, minimum, out):
+    """``out[k]`` for every k: code k is nibble k & 1 of byte k >> 1 (low first), its group k // L (L even)."""
+    n = out.shape[0]
+    for g in range(scale.shape[0]):
+        s = scale[g]
+        zp = zero_point[g] if zero_point is not None else np.float32(0)
+        mn = minimum[g] if minimum is not None else np.float32(0)
+        start, stop = g * L, min(n, (g + 1) * L)
+        pb, ob = packed[start >> 1:stop >> 1], out[start:stop]  # this group's bytes and values (slices: ~30% faster)
+        for j in range(pb.shape[0]):
+            b = pb[j]
+            ob[2 * j] = _scaled(table[b & 15], s, zp, mn, zero_point, minimum)
+            ob[2 * j + 1] = _scaled(table[b >> 4], s, zp, mn, zero_point, minimum)
+        if stop & 1:  # an odd count: the last byte holds one code, in its low nibble
+            out[stop - 1] = _scaled(table[packed[stop >> 1] & 15], s, zp, mn, zero_point, minimum)
+
+
+def _numpy(t):
+    return None if t is None else t.detach().reshape(-1).float().contiguous().numpy()
+
+
+def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: torch.Tensor,
+            zero_point: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``n`` values of 4-bit codes packed two per byte, flat float32: ``table`` holds the grid's 16
+    values, every ``L`` (even) consecutive ones share an entry of ``scale`` (and ``zero_point`` or ``minimum``)."""
+    if L % 2:
+        raise ValueError(f"decode4 needs an even run length L (no group may start inside a byte), got {L}; "
+                         f"use the two-pass path (values() then dequantize_groups)")
+    out = torch.empty(n, dtype=torch.float32)
+    _decode4(packed.contiguous().numpy(), _numpy(table), L, _numpy(scale), _numpy(zero_point), _numpy(minimum),
+             out.numpy())
+    return out

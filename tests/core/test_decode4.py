@@ -1,0 +1,68 @@
+"""The one-pass 4-bit decoder gives the two-pass path's bits (values() looked up, then scaled per group)."""
+import pytest
+import torch
+
+from qlab import quantize
+from qlab.core import scales as _scales
+from qlab.core.decode4 import decode4, run_length
+from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
+
+
+def two_pass(qt):
+    """QuantizedTensor.dequantize as it was before decode4: the reference the kernel must match bit for bit."""
+    Q, _ = qt.spec.granularity.to_groups(qt.values())
+    zp = None if qt.zero_point is None else qt.zero_point.reshape(-1).float()
+    mn = None if qt.minimum is None else qt.minimum.reshape(-1).float()
+    x_hat = _scales.dequantize_groups(Q, qt.scales().reshape(-1), zp, mn, overwrite=True)
+    return qt.spec.granularity.from_groups(x_hat, qt.shape).to(qt.dtype)
+
+
+SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax", "int4-g32-asym-minmax-fmin",
+         "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", [(8, 64), (5, 96), (3, 7, 32), (13, 10), (7, 9), (1, 2)])
+def test_one_pass_equals_two_pass_bit_for_bit(spec, shape):
+    gen = torch.Generator().manual_seed(sum(shape) + len(spec))
+    W = torch.randn(shape, generator=gen) * 3
+    W.reshape(-1)[: min(W.numel(), 64)] = 0  # an all-zero group (scale 0) at the start
+    W.reshape(-1)[-1] = 40.0  # an outlier in the last group
+    qt = quantize(W, spec)
+    x_hat = qt.dequantize()
+    assert x_hat.dtype == torch.float32 and x_hat.shape == W.shape
+    assert torch.equal(x_hat.view(torch.int32), two_pass(qt).view(torch.int32)), (spec, shape)
+
+
+def test_run_lengths_of_each_granularity():
+    assert run_length(PerBlock(64), (5, 13)) == 64
+    assert run_length(PerTensor(), (5, 13)) == 65
+    assert run_length(PerToken(), (5, 13)) == 13
+    assert run_length(PerChannel(0), (5, 13)) == 13
+    assert run_length(PerGroup(4), (5, 12)) == 4
+    assert run_length(PerGroup(4), (5, 13)) is None  # padded groups are not runs of the flat tensor
+    assert run_length(PerGroup(4, axis=-2), (8, 12)) is None
+    assert run_length(PerChannel(1), (5, 13)) is None
+    assert run_length(PerChannel(0), (0, 13)) is None and run_length(PerTensor(), ()) is None
+
+
+def test_decoder_by_hand():
+    # codes 0..3 (low nibble first), a table q -> q/2, L = 2: groups (0, 1) and (2, 3)
+    packed = torch.tensor([0x10, 0x32], dtype=torch.uint8)
+    table = torch.arange(16, dtype=torch.float32) / 2
+    scale = torch.tensor([2.0, 10.0])
+    assert decode4(packed, 4, table, 2, scale).tolist() == [0.0, 1.0, 10.0, 15.0]
+    assert decode4(packed, 4, table, 2, scale, zero_point=torch.tensor([1.0, 0.0])).tolist() == [-2.0, -1.0, 10.0, 15.0]
+    assert decode4(packed, 3, table, 2, scale, minimum=torch.tensor([0.5, -1.0])).tolist() == [0.5, 1.5, 9.0]
+    with pytest.raises(ValueError, match="even run length"):
+        decode4(packed, 4, table, 3, scale)
+
+
+def test_autograd_through_the_scales_keeps_the_torch_path():
+    qt = quantize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), "nf4")
+    qt.scale = qt.scale.clone().requires_grad_(True)
+    x_hat = qt.dequantize()
+    x_hat.sum().backward()
+    assert qt.scale.grad is not None and qt.scale.grad.shape == qt.scale.shape
+    with torch.no_grad():
+        assert torch.equal(qt.dequantize(), x_hat.detach())
