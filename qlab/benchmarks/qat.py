@@ -510,7 +510,8 @@ def plot_vs_ptq(rows: list[dict], ptq: dict | None = None, ax=None):
     control = [r for r in rows if r["name"] == "float"]
     if control:
         ax.axhline(control[0]["kl_mean"], color="grey", ls=":", label="float control after the same training")
-    ax.set_xticks(x, [f"{r['name']}\n{r['run']['spec']}" + ("\n+ int8 act." if r["run"].get("act_spec") else "")
+    short = lambda spec: spec.split("-asym")[0].split("-sym")[0].replace("-", " ")  # noqa: E731  int4 g64
+    ax.set_xticks(x, [f"{r['name']}\n{short(r['run']['spec'])}" + (" + int8 act." if r["run"].get("act_spec") else "")
                       for r in quantized], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("mean KL to the float model (log)")
