@@ -406,18 +406,19 @@ def ptq_configs(runs: list[QATRun], calib_windows: int = 32) -> list[dict]:
     return out
 
 
-def ptq_rows(runs: list[QATRun], out_dir, protocol: EvalProtocol = PROTOCOL, calib_windows: int = 32,
+def ptq_rows(runs: list[QATRun], sweep_dir=None, protocol: EvalProtocol = PROTOCOL, calib_windows: int = 32,
              load=None) -> dict:
     """GPTQ and AWQ next to the QAT runs (``ptq_configs``), through ``qlab.eval.sweep.run_sweep`` on the same
-    evaluation windows (results cached in ``<out_dir>/ptq``). Returns {spec: {method: {ppl, kl_mean, top1,
-    quantized_bpw, quant_seconds}}}."""
-    from qlab.eval.sweep import config_key, run_sweep
+    evaluation windows, with rows cached in ``sweep_dir`` (default: the notebooks' shared ``results/sweep``,
+    where notebook 08 leaves its GPTQ and AWQ rows at int3 and int2 g128). Returns {spec: {method: {ppl,
+    kl_mean, top1, quantized_bpw, quant_seconds}}}."""
+    from qlab.eval.sweep import DEFAULT_RESULTS, config_key, run_sweep
 
     configs = ptq_configs(runs, calib_windows)
     if not configs:
         return {}
     kwargs = {} if load is None else {"load": load}
-    df = run_sweep(configs, protocol, Path(out_dir) / "ptq", **kwargs).set_index("key")
+    df = run_sweep(configs, protocol, Path(sweep_dir or DEFAULT_RESULTS / "sweep"), **kwargs).set_index("key")
     out = {}
     for c in configs:  # rows are found by their key (a stored row of the same job may carry another label)
         method, spec = c["label"].split(":", 1)
@@ -568,7 +569,7 @@ def main(argv=None):
     protocol = replace(PROTOCOL, n_windows=args.eval_windows)
     print(check_split(protocol))
     rows = run_all(teacher, tokenizer, runs, args.out, args.runs, protocol, every=args.every)
-    ptq = ptq_rows(runs, args.out, protocol, args.calib) if args.calib else None
+    ptq = ptq_rows(runs, Path(args.out).parent / "sweep", protocol, args.calib) if args.calib else None
     print(table(rows, ptq).to_string(index=False))
 
 

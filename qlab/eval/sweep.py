@@ -22,7 +22,10 @@ whose calibration windows come from the protocol's calibration articles (never t
 and an evaluation protocol (:class:`EvalProtocol`) says which windows are scored. Each finished
 configuration is written at once to ``<results_dir>/<key>.json``, where ``key`` is a hash of the
 configuration (label excluded) and the protocol; a re-run reads those files and skips them, so
-killing a sweep loses only the configuration it was working on.
+killing a sweep loses only the configuration it was working on. The notebooks share one folder,
+``results/sweep`` (the default), so a configuration one of them computed is read, not recomputed, by the
+others (05's RTN rows in 08 and 09; 08's GPTQ and AWQ rows in 13). A configuration without ``"model"`` is
+the embedded model's, and has the same key as one that names it.
 
 The results store checks itself. Before anything is computed, every configuration of the grid is checked
 (its keys, mode, method, specs and options, and its recipe patterns against the loaded model) and every bad one
@@ -87,6 +90,7 @@ def _config_text(config: dict, protocol: EvalProtocol) -> str:
     """Canonical JSON of everything that changes the numbers (the configuration without its label, the protocol)."""
     payload = {k: v for k, v in config.items() if k != "label"}
     payload.setdefault("mode", "fake")
+    payload.setdefault("model", EMBEDDED)  # so notebooks that name the default model share rows with those that don't
     payload["protocol"] = asdict(protocol)
     return json.dumps(payload, sort_keys=True, default=str)
 

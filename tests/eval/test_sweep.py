@@ -39,6 +39,16 @@ def test_config_key_ignores_label_but_not_recipe_or_protocol():
     assert sweep.config_key(a, PROTOCOL) == sweep.config_key({**a, "mode": "fake"}, PROTOCOL)
 
 
+def test_config_key_is_shared_between_notebooks_that_do_and_do_not_name_the_embedded_model():
+    """05 names the model, 08 and 09 do not: the same RTN configuration must be one row of results/sweep."""
+    from qlab.models import EMBEDDED
+
+    named = {"label": "int3 g128 asym", "model": EMBEDDED, "recipe": weight_only("int3-g128-asym-minmax")}
+    unnamed = {"label": "RTN 3-bit", "recipe": {"model.layers.*": "int3-g128-asym-minmax"}}
+    assert sweep.config_key(named, PROTOCOL) == sweep.config_key(unnamed, PROTOCOL)
+    assert sweep.config_key(named, PROTOCOL) != sweep.config_key({**unnamed, "model": "tiny"}, PROTOCOL)
+
+
 def test_resume_after_a_crash_redoes_nothing(tmp_path, monkeypatch):
     calls = []
     real_run_one = sweep.run_one
