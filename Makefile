@@ -40,11 +40,13 @@ test: env browser
 
 # every notebook in order, full mode; executed copies in runs/full/, figures in figures/
 # (QLAB_HEADLESS: qlab.study.plots.interact draws each widget's default view without creating the widget)
+# each notebook's wall time is appended to runs/full/times.tsv (with the date and the machine's core count)
 run: env
 	@mkdir -p runs/full figures
 	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; \
+		echo "== $$nb"; start=$$(date +%s); \
 		QLAB_HEADLESS=1 $(BIN)/papermill -k qlab --cwd notebooks --progress-bar $$nb runs/full/$$(basename $$nb) || exit 1; \
+		printf '%s\t%s\t%d s\t%s cores\n' "$$(date -I)" "$$(basename $$nb)" $$(( $$(date +%s) - start )) "$$(nproc)" | tee -a runs/full/times.tsv; \
 	done
 
 # notebooks only, smoke mode, figures to runs/smoke/figures
