@@ -450,9 +450,6 @@ def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: st
     front = _front(df, x, y)
     ax.plot(front["_xd"], front[y], ls=":", lw=0.8, color="k", marker="o", ms=11, mfc="none", mec="k",
             label="Pareto front", zorder=2)
-    if label_front and label in front:
-        texts = [ax.text(xd, yv, str(t), fontsize=7) for xd, yv, t in zip(front["_xd"], front[y], front[label])]
-        _spread_labels(ax, texts, front["_xd"].tolist(), front[y].tolist())
     if reference == "auto":
         reference = float(df["ppl_ref"].iloc[0]) if y == "ppl" and "ppl_ref" in df and len(df) else None
     if reference is not None:
@@ -469,6 +466,9 @@ def plot_pareto(df, x: str = "quantized_bpw", y: str = "ppl", ax=None, label: st
         ax.set_ylim(top=ymax)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    if label_front and label in front:  # last: adjustText places labels in the axes' final (log) coordinates
+        texts = [ax.text(xd, yv, str(t), fontsize=7) for xd, yv, t in zip(front["_xd"], front[y], front[label])]
+        _spread_labels(ax, texts, front["_xd"].tolist(), front[y].tolist())
     return ax.figure
 
 
@@ -506,13 +506,13 @@ def plot_format_errors(errors, tensors=None, ax=None, title: str = ""):
         ax.scatter(sub.bits_per_weight, sub.rel_err, marker="osD^"[i % 4], color=f"C{i}", label=fam, zorder=3)
         texts += [ax.text(r.bits_per_weight, r.rel_err, r.method.replace("-asym-minmax", "").replace("-sym-absmax", ""),
                           fontsize=7) for r in sub.itertuples()]
-    _spread_labels(ax, texts, g.bits_per_weight.tolist(), g.rel_err.tolist())
     ax.set(yscale="log", xlabel="bits per weight (codes + block scales/mins)",
            ylabel="relative Frobenius error ||W − Ŵ|| / ||W||",
            title=title or f"weight error vs size: mean over the same {len(tensors)} tensor(s) for every point")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, title=("exact (error 0, not drawn): " + ", ".join(exact.method)) if len(exact) else None,
               title_fontsize=7)
+    _spread_labels(ax, texts, g.bits_per_weight.tolist(), g.rel_err.tolist())  # after the log scale
     return ax.figure
 
 
