@@ -33,7 +33,8 @@ def absmax(G, mask, grid):
 
 
 def minmax(G, mask, grid):
-    return _range_qparams(_masked(G, mask, float("inf")).amin(dim=1), _masked(G, mask, float("-inf")).amax(dim=1), grid)
+    # the range is widened to include 0, so the zero padding of a short last group never moves it: no mask
+    return _range_qparams(G.amin(dim=1), G.amax(dim=1), grid)
 
 
 def _range_qparams(xmin, xmax, grid):
@@ -149,7 +150,9 @@ def dequantize_groups(Q, scale, zero_point, minimum=None, overwrite=False):
 
 
 def fake_quant_groups(G, scale, zero_point, grid, minimum=None):
-    return dequantize_groups(quantize_groups(G, scale, zero_point, grid, minimum), scale, zero_point, minimum)
+    # the grid values are a temporary of ours: de-quantized in their memory
+    return dequantize_groups(quantize_groups(G, scale, zero_point, grid, minimum), scale, zero_point, minimum,
+                             overwrite=True)
 
 
 RULES = {"absmax": absmax, "minmax": minmax, "mse": mse, "absmean": absmean, "none": none}

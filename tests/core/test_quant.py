@@ -99,6 +99,20 @@ def test_bits_per_weight_counts_scales_zero_points_and_the_ragged_group(weight):
     assert qt.bits_per_weight == pytest.approx(4 + (16 + 4) * 5 / 576)
 
 
+def test_zero_padding_of_the_ragged_group_leaves_its_min_max_range(gen):
+    """576 columns in groups of 128: the last group is 64 values and 64 zeros of padding. A min-max range
+    takes in 0 anyway, so the padding needs no mask: that group's scale and zero point are those of its 64
+    values alone, all positive or all negative ones too."""
+    x = torch.randn(3, 576, generator=gen)
+    x[1, 512:] = x[1, 512:].abs() + 1
+    x[2, 512:] = -x[2, 512:].abs() - 1
+    ragged = quantize(x, "int4-g128-asym-minmax")
+    alone = quantize(x[:, 512:].contiguous(), "int4-g64-asym-minmax")
+    assert torch.equal(ragged.scales()[:, -1:], alone.scales())
+    assert torch.equal(ragged.zero_point[:, -1:], alone.zero_point)
+    assert torch.equal(ragged.codes()[:, 512:], alone.codes())
+
+
 def test_nf4_double_quant_size_and_error(gen):
     x = torch.randn(64 * 256 * 2, generator=gen)
     plain, dq = quantize(x, "nf4"), quantize(x, "nf4-dq")

@@ -34,9 +34,36 @@ from qlab.methods.base import QuantResult
 from qlab.methods.weight.gptq import gram
 
 
-def mean_abs(X: torch.Tensor) -> torch.Tensor:
-    """AWQ's activation statistic: mean |x| per input channel over all tokens of X [..., in]."""
-    return X.reshape(-1, X.shape[-1]).abs().float().mean(dim=0)
+CLIP_TOKENS = 512  # tokens of the clipping search's output error
+
+
+def token_rows(X) -> list:
+    """Calibration inputs X [..., in], or a list of batches of them, as a list of [tokens, in] matrices.
+    (The batches stay apart: the searches read all tokens only for mean|x|, which goes a block of
+    channels at a time, so copying them into one tensor would cost more than reading them.)"""
+    return [x.reshape(-1, x.shape[-1]) for x in (X if isinstance(X, (list, tuple)) else [X])]
+
+
+def mean_abs(X, block: int = 128) -> torch.Tensor:
+    """AWQ's activation statistic: mean |x| per input channel over all tokens of X (see ``token_rows``).
+    ``block`` channels at a time, so that |x| is a temporary the size of a cache, not of X (each channel's
+    mean adds the same numbers in the same order either way)."""
+    rows = token_rows(X)
+    return torch.cat([torch.cat([r[:, i:i + block] for r in rows]).abs().float().mean(dim=0)
+                      for i in range(0, rows[0].shape[1], block)])
+
+
+def sample_tokens(X, n: int) -> torch.Tensor:
+    """At most n evenly spaced tokens of X (see ``token_rows``), as float32 [n, in]."""
+    rows = token_rows(X)
+    total = sum(len(r) for r in rows)
+    chosen = torch.linspace(0, total - 1, min(n, total)).long()  # indices into the tokens of all batches
+    picked, start = [], 0
+    for r in rows:
+        mine = chosen[(chosen >= start) & (chosen < start + len(r))]
+        picked.append(r[mine - start])
+        start += len(r)
+    return torch.cat(picked).float()
 
 
 def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -72,30 +99,28 @@ def _quadratic_form(dW: torch.Tensor, H: torch.Tensor, block: int = 256) -> floa
     return total
 
 
-def _output_error(H, n_tokens, weights, fake_weights):
-    """Mean squared output error over tokens and outputs, averaged over the Linears: for each W,
-    ||X (Wq - W)^T||^2 / (n out) = tr(dW H dW^T) / (n out) with dW = Wq - W and H = X^T X."""
-    total = 0.0
-    for W, Wq in zip(weights, fake_weights):
-        total += _quadratic_form(Wq.float() - W.float(), H) / (n_tokens * W.shape[0])
-    return total / len(weights)
+def _output_error(H, n_tokens, errors):
+    """Mean squared output error over tokens and outputs, averaged over the Linears: for each weight error
+    dW = Wq - W [out, in], ||X dW^T||^2 / (n out) = tr(dW H dW^T) / (n out) with H = X^T X."""
+    return sum(_quadratic_form(dW, H) / (n_tokens * dW.shape[0]) for dW in errors) / len(errors)
 
 
-def search_scale(weights, X: torch.Tensor, spec, n_grid: int = 20, n_tokens: int = 4096):
+def search_scale(weights, X, spec, n_grid: int = 20, n_tokens: int = 4096):
     """Grid search of alpha. Returns (s, alpha, losses[n_grid]) with losses the mean squared output error
-    of ``(x / s) Q(W diag(s))^T`` over all the Linears in ``weights`` (each [out_i, in]) that read X.
+    of ``(x / s) Q(W diag(s))^T`` over all the Linears in ``weights`` (each [out_i, in]) that read X
+    ([..., in] or a list of batches).
     mean|x| uses every token; the output error at most ``n_tokens`` evenly spaced ones (speed, on a CPU)."""
     spec = QuantSpec.parse(spec)
-    X = X.reshape(-1, X.shape[-1]).float()
     x_mean = mean_abs(X)
-    X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
+    X = sample_tokens(X, n_tokens)
     # the output error needs X only through H = X^T X: one [in, in] product instead of a matmul per grid point
     H = gram(X)
     losses = torch.zeros(n_grid)
     for i in range(n_grid):
         s = awq_scales(x_mean, i / n_grid)
-        fake = [fake_quant(W.float() * s, spec) / s for W in weights]  # the effective weight Q(W s) / s
-        losses[i] = _output_error(H, X.shape[0], weights, fake)
+        # the error of the effective weight Q(W s) / s, computed in place in the fake-quantized copy
+        errors = [fake_quant(W.float() * s, spec).div_(s).sub_(W.float()) for W in weights]
+        losses[i] = _output_error(H, X.shape[0], errors)
     best = int(torch.argmin(losses))
     return awq_scales(x_mean, best / n_grid), best / n_grid, losses
 
@@ -108,15 +133,14 @@ def _pad_columns(A: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_shrink: float = 0.5,
-                n_tokens: int = 512) -> torch.Tensor:
+                n_tokens: int = CLIP_TOKENS) -> torch.Tensor:
     """Per output channel and group, the clipping range max_val = p * max|w_group| minimising
     mean_t ( x_t,g . (w_g - Q(clamp(w_g, -max_val, max_val))) )^2 over (at most ``n_tokens``) tokens.
     Returns max_val [out, n_groups]."""
     spec = QuantSpec.parse(spec)
     out_features, in_features = W.shape
     g = group_size(spec, in_features)
-    X = X.reshape(-1, in_features).float()
-    X = X[torch.linspace(0, X.shape[0] - 1, min(n_tokens, X.shape[0])).long()]
+    X = sample_tokens(X, n_tokens)
     Xg = _pad_columns(X, g).transpose(0, 1)  # [G, n, g]
     H = Xg.transpose(1, 2) @ Xg  # [G, g, g]: each group's X_g^T X_g, so the error needs no token matmul
     Wg = _pad_columns(W.float(), g)  # [out, G, g]
@@ -125,7 +149,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     best_max = org_max.clone()
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
-        Wq = fake_quant(apply_clip(W.float(), max_val, g), spec)
+        Wq = fake_quant(_clip_groups(Wg, max_val)[:, :in_features], spec)
         dW = (_pad_columns(Wq, g) - Wg).transpose(0, 1)  # [G, out, g]
         err = ((dW @ H) * dW).sum(dim=-1).T / X.shape[0]  # mean_t (x_t,g . dw_g)^2 = dw_g H_g dw_g^T / n: [out, G]
         better = err < best_err
@@ -140,9 +164,13 @@ def apply_clip(W: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch
     g = group_size
     if max_val.shape != (W.shape[0], math.ceil(W.shape[1] / g)):
         raise ValueError(f"max_val must be [{W.shape[0]}, {math.ceil(W.shape[1] / g)}], got {tuple(max_val.shape)}")
-    Wg = _pad_columns(W, g)
+    return _clip_groups(_pad_columns(W, g), max_val)[:, : W.shape[1]]
+
+
+def _clip_groups(Wg: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """Groups Wg [out, G, g] clamped to [-max_val, max_val] (max_val [out, G]), back as rows [out, G * g]."""
     clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
-    return clipped.reshape(W.shape[0], -1)[:, : W.shape[1]]
+    return clipped.reshape(Wg.shape[0], -1)
 
 
 @dataclass
@@ -158,8 +186,9 @@ class AWQResult:
     max_val: list | None
 
 
-def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQResult:
-    """AWQ for the Linears ``weights`` (tensors [out_i, in] or nn.Linears) that all read inputs X [..., in].
+def awq(weights, X, spec, *, n_grid: int = 20, clip=True) -> AWQResult:
+    """AWQ for the Linears ``weights`` (tensors [out_i, in] or nn.Linears) that all read inputs X [..., in]
+    (or a list of batches of them).
     ``clip``: run the clipping search (a bool, or one bool per weight: the reference skips q and k).
 
     >>> W = torch.randn(8, 64); X = torch.randn(256, 64) * torch.linspace(0.1, 4, 64)
@@ -170,20 +199,24 @@ def awq(weights, X: torch.Tensor, spec, *, n_grid: int = 20, clip=True) -> AWQRe
     single = isinstance(weights, (torch.Tensor, torch.nn.Linear))
     weights = [weights] if single else list(weights)
     weights = [w.weight.data if isinstance(w, torch.nn.Linear) else w for w in weights]
-    validate(X, "calibration inputs")
+    rows = token_rows(X)
+    for x in rows:
+        validate(x, "calibration inputs")
+    in_features = rows[0].shape[1]
     for W in weights:
         validate(W, "weight")
-        if W.dim() != 2 or W.shape[1] != X.shape[-1]:
-            raise ValueError(f"weights must be [out, {X.shape[-1]}] to read these inputs, got {tuple(W.shape)}")
+        if W.dim() != 2 or W.shape[1] != in_features:
+            raise ValueError(f"weights must be [out, {in_features}] to read these inputs, got {tuple(W.shape)}")
         group_size(spec, W.shape[1])
     clips = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
     if len(clips) != len(weights):
         raise ValueError(f"clip must be a bool or one bool per weight ({len(weights)}), got {clip!r}")
-    s, alpha, losses = search_scale(weights, X, spec, n_grid)
+    s, alpha, losses = search_scale(weights, rows, spec, n_grid)
     scaled = [W.float() * s for W in weights]
-    Xs = X / s if any(clips) else None  # the inputs the scaled weights will read
+    # the inputs the scaled weights will read, on the tokens the clipping search uses only
+    Xs = sample_tokens(rows, CLIP_TOKENS) / s if any(clips) else None
     max_val = [search_clip(Ws, Xs, spec) if c else None for Ws, c in zip(scaled, clips)]
-    g = group_size(spec, X.shape[-1])
+    g = group_size(spec, in_features)
     scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, max_val)]
     max_val = None if not any(clips) else max_val
     qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
@@ -195,11 +228,10 @@ def awq_method(weights, X, spec, names=None, *, n_grid: int = 20, clip="auto") -
     quantized. ``clip='auto'`` skips the clipping search for q_proj and k_proj (by ``names``), as the reference."""
     if not X:
         raise ValueError("AWQ needs calibration inputs X")
-    X = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in X])
     if clip == "auto":
         clip = [not (n or "").endswith(("q_proj", "k_proj")) for n in (names or [None] * len(weights))]
     r = awq(weights, X, spec, n_grid=n_grid, clip=clip)
-    g = group_size(QuantSpec.parse(spec), X.shape[-1])
+    g = group_size(QuantSpec.parse(spec), X[0].shape[-1])
     scaled = [W.float() * r.s for W in weights]
     if r.max_val is not None:
         scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, r.max_val)]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qlab.methods.weight.awq import _quadratic_form, apply_clip, awq, awq_scales, mean_abs, search_clip, search_scale
+from qlab.methods.weight.awq import (_quadratic_form, apply_clip, awq, awq_scales, mean_abs, sample_tokens,
+                                     search_clip, search_scale)
 from qlab.methods.weight.rtn import rtn
 from qlab.core.quant import fake_quant, quantize
 
@@ -51,6 +52,29 @@ def test_scales_formula_by_hand():
     assert torch.allclose(awq_scales(x, 1.0), x)
     assert torch.equal(awq_scales(x, 0.0), torch.ones(3))  # alpha = 0 is plain RTN
     assert torch.allclose(mean_abs(torch.tensor([[1.0, -2.0], [-3.0, 0.0]])), torch.tensor([2.0, 1.0]))
+
+
+@pytest.mark.parametrize("in_features", [576, 1536, 100])
+def test_statistics_of_batches_kept_apart(gen, in_features):
+    """mean|x| a block of channels at a time and the evenly spaced tokens, from a list of batches, are bit for
+    bit those of the whole concatenated tensor."""
+    batches = [torch.randn(4, 300, in_features, generator=gen) * torch.rand(in_features, generator=gen) * 3
+               for _ in range(5)] + [torch.randn(1, 77, in_features, generator=gen)]
+    X = torch.cat([b.reshape(-1, in_features) for b in batches])
+    assert torch.equal(mean_abs(batches), X.abs().mean(dim=0))
+    assert torch.equal(mean_abs(X), X.abs().mean(dim=0))
+    for n in (512, 4096, 7):
+        chosen = X[torch.linspace(0, len(X) - 1, min(n, len(X))).long()]
+        assert torch.equal(sample_tokens(batches, n), chosen) and torch.equal(sample_tokens(X, n), chosen)
+
+
+def test_batches_give_the_same_result_as_one_tensor(real_layer):
+    W, X = real_layer
+    spec = "int4-g128-asym-minmax"
+    whole, batched = awq(W, X, spec, n_grid=4), awq(W, list(X.split(300)), spec, n_grid=4)
+    assert whole.alpha == batched.alpha and torch.equal(whole.s, batched.s)
+    assert torch.equal(whole.max_val[0], batched.max_val[0])
+    assert torch.equal(whole.qweights[0].codes(), batched.qweights[0].codes())
 
 
 def test_alpha_zero_loss_is_rtn(real_layer):
