@@ -176,12 +176,14 @@ def _clip_groups(Wg: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 @dataclass
 class AWQResult:
     """s: the per-input-channel scales to fold into the previous op; alpha: the chosen exponent;
-    losses: output error for each alpha on the grid; qweights: QuantizedTensor of clip(W diag(s))
-    for each Linear; max_val: the clipping ranges (None if the clip search was skipped)."""
+    losses: output error for each alpha on the grid; weights: clip(W diag(s)) for each Linear, in W's dtype;
+    qweights: QuantizedTensor of each of them; max_val: the clipping ranges (None if the clip search was
+    skipped)."""
 
     s: torch.Tensor
     alpha: float
     losses: torch.Tensor
+    weights: list
     qweights: list
     max_val: list | None
 
@@ -217,10 +219,10 @@ def awq(weights, X, spec, *, n_grid: int = 20, clip=True) -> AWQResult:
     Xs = sample_tokens(rows, CLIP_TOKENS) / s if any(clips) else None
     max_val = [search_clip(Ws, Xs, spec) if c else None for Ws, c in zip(scaled, clips)]
     g = group_size(spec, in_features)
-    scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, max_val)]
+    scaled = [(Ws if m is None else apply_clip(Ws, m, g)).to(W.dtype) for Ws, m, W in zip(scaled, max_val, weights)]
     max_val = None if not any(clips) else max_val
-    qweights = [quantize(Ws.to(W.dtype), spec) for Ws, W in zip(scaled, weights)]
-    return AWQResult(s=s, alpha=alpha, losses=losses, qweights=qweights, max_val=max_val)
+    qweights = [quantize(Ws, spec) for Ws in scaled]
+    return AWQResult(s=s, alpha=alpha, losses=losses, weights=scaled, qweights=qweights, max_val=max_val)
 
 
 def awq_method(weights, X, spec, names=None, *, n_grid: int = 20, clip="auto") -> QuantResult:
@@ -231,9 +233,4 @@ def awq_method(weights, X, spec, names=None, *, n_grid: int = 20, clip="auto") -
     if clip == "auto":
         clip = [not (n or "").endswith(("q_proj", "k_proj")) for n in (names or [None] * len(weights))]
     r = awq(weights, X, spec, n_grid=n_grid, clip=clip)
-    g = group_size(QuantSpec.parse(spec), X[0].shape[-1])
-    scaled = [W.float() * r.s for W in weights]
-    if r.max_val is not None:
-        scaled = [Ws if m is None else apply_clip(Ws, m, g) for Ws, m in zip(scaled, r.max_val)]
-    return QuantResult(r.qweights, fold=r.s, weights=[Ws.to(W.dtype) for Ws, W in zip(scaled, weights)],
-                       info={"alpha": r.alpha, "losses": r.losses})
+    return QuantResult(r.qweights, fold=r.s, weights=r.weights, info={"alpha": r.alpha, "losses": r.losses})
