@@ -263,6 +263,16 @@ def table(results: str | Path = DEFAULT_RESULTS, labels=None, contexts=None) -> 
                           ignore_index=True)
 
 
+def inputs(tokenizer, contexts=CONTEXTS, n_windows: int = 8) -> tuple[dict, torch.Tensor]:
+    """The long-context table's inputs: ({context: n_windows evaluation windows spread over the evaluation
+    articles}, one calibration window of 512 tokens for the static scales of 'fp8-tensor'). Notebook 12 and
+    ``main`` take them from here, so their rows are the same files."""
+    from qlab.models.data import wikitext2_windows
+
+    windows = {c: wikitext2_windows(tokenizer, "evaluation", c, n_windows, pick="spread") for c in contexts}
+    return windows, wikitext2_windows(tokenizer, "calibration", 512, 1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join([*METHODS, *PEERS]))
@@ -274,7 +284,6 @@ def main(argv=None):
     p.add_argument("--results", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from qlab.models.data import wikitext2_windows
     from qlab.models.loading import load_model
 
     if args.smoke:
@@ -282,8 +291,7 @@ def main(argv=None):
     results = Path(args.results or (DEFAULT_RESULTS / "smoke" if args.smoke else DEFAULT_RESULTS))
     model, tokenizer = load_model()
     contexts = [int(c) for c in args.contexts.split(",")]
-    windows = {c: wikitext2_windows(tokenizer, "evaluation", c, args.windows, pick="spread") for c in contexts}
-    calibration = wikitext2_windows(tokenizer, "calibration", 512, 1)
+    windows, calibration = inputs(tokenizer, contexts, args.windows)
     t0 = time.perf_counter()
     df = run(model, windows, args.methods.split(","), results, args.chunk, calibration)
     print(f"chunk {args.chunk}, {args.windows} windows per context; wall {time.perf_counter() - t0:.0f} s this run")
