@@ -90,15 +90,31 @@ def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
         yield start, windows[start : start + batch_size]
 
 
-def _check_logits(logits: torch.Tensor, batch: torch.Tensor, start: int) -> None:
-    """The logits are finite and as wide as the ids need (for models that do not say their vocabulary)."""
-    _check_ids(batch, logits.shape[-1], start)
-    finite = torch.isfinite(logits).flatten(1).all(1)
-    if not finite.all():
-        window = start + int((~finite).nonzero()[0])
+# positions scored per pass: a [32, V] slice of float32 logits (6 MB at V = 49,152) and its few temporaries stay in
+# cache, where whole-window temporaries (100 MB each at 511 positions) cost a trip to memory and fresh pages per op
+CHUNK = 32
+
+
+def _check_finite(logits: torch.Tensor, window: int) -> None:
+    if not torch.isfinite(logits).all():
         raise ValueError(f"the model's logits hold NaN or inf (window {window}): no perplexity is reported. A weight "
                          f"may be non-finite (a damaged checkpoint or cache: load_model checks them) or a quantized "
                          f"layer overflowed; check the model with torch.isfinite on its parameters")
+
+
+def _scored(logits: torch.Tensor, batch: torch.Tensor, start: int):
+    """Walk one batch's logits ``[b, L-1, V]`` in chunks of positions: yields ``(i, slice, logits chunk,
+    log-softmax chunk, nll chunk)`` for window ``i`` of the batch, after checking the ids and that the chunk is
+    finite. Every operation is per position, so the chunks give the whole-window numbers bit for bit."""
+    _check_ids(batch, logits.shape[-1], start)  # ids as wide as the logits (models that do not say their vocabulary)
+    for i in range(logits.shape[0]):
+        for s in range(0, logits.shape[1], CHUNK):
+            part = slice(s, s + CHUNK)
+            x = logits[i, part]
+            _check_finite(x, start + i)
+            lq = F.log_softmax(x, dim=-1)
+            nll = -lq.gather(-1, batch[i, 1:][part, None]).squeeze(-1)
+            yield i, part, x, lq, nll
 
 
 @torch.no_grad()
@@ -109,25 +125,23 @@ def _next_token_logits(model, batch: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1].float().cpu()
 
 
-def _nll(logprobs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    return -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def reference_logprobs(
     model, windows: torch.Tensor, batch_size: int = 1, dtype=torch.float16, progress: bool = True
 ) -> Reference:
     """Run the reference model once and cache what the comparison needs."""
     _check_windows(model, windows)
-    logprobs, top1, nll = [], [], []
+    n, length = windows.shape
+    logprobs, top1, nll = None, torch.empty(n, length - 1, dtype=torch.long), torch.empty(n, length - 1)
     for start, batch in _batches(windows, batch_size, "reference", progress):
         logits = _next_token_logits(model, batch)
-        _check_logits(logits, batch, start)
-        lp = F.log_softmax(logits, dim=-1)
-        nll.append(_nll(lp, batch))
-        top1.append(logits.argmax(-1))
-        logprobs.append(lp.to(dtype))
-    return Reference(windows, torch.cat(logprobs), torch.cat(top1), torch.cat(nll))
+        if logprobs is None:  # [n, L-1, V]: the vocabulary is the logits' width
+            logprobs = torch.empty(n, length - 1, logits.shape[-1], dtype=dtype)
+        for i, part, x, lp, nll_part in _scored(logits, batch, start):
+            nll[start + i, part] = nll_part
+            top1[start + i, part] = x.argmax(-1)
+            logprobs[start + i, part] = lp
+    return Reference(windows, logprobs, top1, nll)
 
 
 @torch.no_grad()
@@ -148,20 +162,19 @@ def evaluate(
     if reference is not None and not torch.equal(reference.windows, windows):
         raise ValueError("reference was computed on different windows")
     t0 = time.perf_counter()
-    nll, kl, agree = [], [], []
+    n, length = windows.shape
+    nll, kl, agree = torch.empty(n, length - 1), torch.empty(n, length - 1), torch.empty(n, length - 1, dtype=torch.bool)
     for start, batch in _batches(windows, batch_size, "evaluate", progress):
         logits = _next_token_logits(model, batch)
-        _check_logits(logits, batch, start)
-        lq = F.log_softmax(logits, dim=-1)
-        nll.append(_nll(lq, batch))
-        if reference is not None:
-            lp = reference.logprobs[start : start + batch.shape[0]]
-            lq_stored = lq.to(lp.dtype).float()
-            lp = lp.float()
-            kl.append((lp.exp() * (lp - lq_stored)).sum(-1))
-            agree.append(logits.argmax(-1) == reference.top1[start : start + batch.shape[0]])
+        for i, part, x, lq, nll_part in _scored(logits, batch, start):
+            nll[start + i, part] = nll_part
+            if reference is not None:
+                lp = reference.logprobs[start + i, part]
+                lq_stored = lq.to(lp.dtype).float()  # Q rounded as P is stored: an unchanged model gives KL 0
+                lp = lp.float()
+                kl[start + i, part] = (lp.exp() * (lp - lq_stored)).sum(-1)
+                agree[start + i, part] = x.argmax(-1) == reference.top1[start + i, part]
     seconds = time.perf_counter() - t0
-    nll = torch.cat(nll)
     if not torch.isfinite(nll.mean()) or not math.isfinite(float(torch.exp(nll.mean()))):
         raise ValueError(f"the mean NLL {float(nll.mean()):.4g} nats gives no finite perplexity: the model's "
                          f"predictions are degenerate (check its weights and logits)")
@@ -176,14 +189,14 @@ def evaluate(
         "s_per_window": seconds / windows.shape[0],
     }
     if reference is not None:
-        kl = torch.cat(kl).flatten()
+        kl = kl.flatten()
         out.update(
             ppl_ref=reference.perplexity,
             delta_ppl_pct=100 * (out["ppl"] / reference.perplexity - 1),
             kl_mean=float(kl.mean()),
             kl_median=float(kl.median()),
             kl_p99=float(torch.quantile(kl, 0.99)),
-            top1=float(torch.cat(agree).float().mean()),
+            top1=float(agree.float().mean()),
         )
     return out
 
