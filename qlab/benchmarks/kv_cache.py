@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qlab.core.atomic import write_json
+from qlab.eval.metrics import CHUNK as CHUNK_SCORED
 from qlab.methods.kv.cache import FP8, GEAR, KIVI, QuantizedKVCache, calibrate_fp8, chunked_logits
 
 DEFAULT_RESULTS = Path("results/kv_cache")
@@ -149,17 +150,29 @@ def _read_json(path: Path, want: dict) -> dict | None:
 
 
 @torch.no_grad()
-def score_window(model, window: torch.Tensor, cache, chunk: int, reference: torch.Tensor | None) -> dict:
-    """NLL, KL(reference || this) and top-1 agreement of one window [T] fed ``chunk`` tokens at a time."""
-    logits = chunked_logits(model, window[None], cache, chunk)[0, :-1].float()
-    if not torch.isfinite(logits).all():
-        raise ValueError("the model produced NaN/Inf logits through the cache")
-    logq = F.log_softmax(logits, dim=-1)
-    nll = -logq.gather(-1, window[1:, None])[:, 0]
-    out = {"nll_sum": float(nll.sum()), "n": nll.numel(), "logprobs": logq}
+def score_window(model, window: torch.Tensor, cache, chunk: int, reference: dict | None) -> dict:
+    """NLL, KL(reference || this) and top-1 agreement of one window [T] fed ``chunk`` tokens at a time.
+
+    ``reference`` is the float row's result (its ``logprobs`` [T-1, V] and ``top1``). The scores are taken
+    ``metrics.CHUNK`` positions at a time, so the temporaries stay in cache; every score is per position, so the
+    numbers are those of whole-window tensors. The window's log-probs overwrite its logits as they are scored."""
+    logprobs = chunked_logits(model, window[None], cache, chunk)[0, :-1].float()
+    n = logprobs.shape[0]
+    nll, kl, top1 = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.long)
+    for s in range(0, n, CHUNK_SCORED):
+        part = slice(s, s + CHUNK_SCORED)
+        if not torch.isfinite(logprobs[part]).all():
+            raise ValueError("the model produced NaN/Inf logits through the cache")
+        logq = logprobs[part] = F.log_softmax(logprobs[part], dim=-1)
+        nll[part] = -logq.gather(-1, window[1:][part, None])[:, 0]
+        top1[part] = logq.argmax(-1)
+        if reference is not None:
+            lp = reference["logprobs"][part]
+            kl[part] = (lp.exp() * (lp - logq)).sum(-1)
+    out = {"nll_sum": float(nll.sum()), "n": n, "logprobs": logprobs, "top1": top1}
     if reference is not None:
-        out["kl_sum"] = float((reference.exp() * (reference - logq)).sum(-1).sum())
-        out["top1_sum"] = int((logq.argmax(-1) == reference.argmax(-1)).sum())
+        out["kl_sum"] = float(kl.sum())
+        out["top1_sum"] = int((top1 == reference["top1"]).sum())
     return out
 
 
@@ -215,11 +228,11 @@ def run(model, windows: dict, labels, results: str | Path = DEFAULT_RESULTS, chu
                 scored = score_window(model, w[i], cache, chunk, reference)
                 seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
                 if label == "float":
-                    reference = scored["logprobs"]
+                    reference = scored
                     scored.update(kl_sum=0.0, top1_sum=scored["n"])
                 if label in pending:
                     row = {**want(label, ctx, i, w[i]), "label": label, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                           **{k: v for k, v in scored.items() if k != "logprobs"},
+                           **{k: v for k, v in scored.items() if k not in ("logprobs", "top1")},
                            **_footprint(cache, model.config, ctx)}
                     write_json(path(label, ctx, i), row)
                     bar.update()

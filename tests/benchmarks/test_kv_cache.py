@@ -59,6 +59,22 @@ def test_tiny_run_scores_resumes_and_counts_bits(model, tmp_path, monkeypatch):
     assert resumed.set_index("method").loc["kivi2-r32", "ppl"] == pytest.approx(row.loc["kivi2-r32", "ppl"], rel=1e-6)
 
 
+
+def test_scores_taken_in_chunks_equal_the_whole_window_formulas(model):
+    # 100 positions: chunks of metrics.CHUNK = 32 and a short last one give the whole-tensor numbers bit for bit
+    import torch.nn.functional as F
+    from qlab.methods.kv.cache import chunked_logits
+
+    window = torch.randint(0, 256, (101,), generator=torch.Generator().manual_seed(2))
+    ref = kv_cache.score_window(model, window, kv_cache.make_cache("float", model, None), 16, None)
+    got = kv_cache.score_window(model, window, kv_cache.make_cache("kivi2-r32", model, None), 16, ref)
+    lp = F.log_softmax(chunked_logits(model, window[None], kv_cache.make_cache("float", model, None), 16)[0, :-1], -1)
+    lq = F.log_softmax(chunked_logits(model, window[None], kv_cache.make_cache("kivi2-r32", model, None), 16)[0, :-1], -1)
+    assert torch.equal(ref["logprobs"], lp) and got["n"] == 100
+    assert got["nll_sum"] == float(-lq.gather(-1, window[1:, None]).sum())
+    assert got["kl_sum"] == float((lp.exp() * (lp - lq)).sum(-1).sum()) > 0
+    assert got["top1_sum"] == int((lq.argmax(-1) == lp.argmax(-1)).sum())
+
 def test_bad_inputs(model, tmp_path):
     w = {64: torch.randint(0, 256, (1, 64))}
     with pytest.raises(ValueError, match="unknown method"):
