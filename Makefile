@@ -8,7 +8,6 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlab-installed
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: env browser test run lab lock smoke clean reference-ppl bench-gptq bench-quantizers bench-kernels kernels-compile-check llamacpp-peer check-gguf ptq-peers gptqmodel-peer bench-peers qat-peer bench-qat
 
@@ -38,16 +37,38 @@ browser:
 test: env browser
 	$(BIN)/python -m pytest -q
 
-# every notebook in order, full mode; executed copies in runs/full/, figures in figures/
+# every notebook in full mode, RUN_JOBS at a time with RUN_THREADS threads each (two single-threaded notebooks use the
+# two cores better than one two-threaded one), the long ones first. A notebook that reads the shared sweep folder
+# starts after the one that writes its rows: 09 after 05 (RTN), 13 after 08 (GPTQ/AWQ at 3 and 2 bits).
+# Executed copies and logs in runs/full/, figures in figures/; each notebook's wall time is appended to
+# runs/full/times.tsv. A subset: make run NOTEBOOKS="05_rtn_sweep 09_kquants"; one at a time: make run RUN_JOBS=1
 # (QLAB_HEADLESS: qlab.study.plots.interact draws each widget's default view without creating the widget)
-# each notebook's wall time is appended to runs/full/times.tsv (with the date and the machine's core count)
+NOTEBOOKS ?= $(notdir $(basename $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
+RUN_JOBS ?= 2
+RUN_THREADS ?= 1
+LONG_FIRST := 08_calibrated_sweep 05_rtn_sweep 12_kv_cache 13_qat 11_rotations_lattices_codebooks 09_kquants
+RUN_ORDER := $(filter $(NOTEBOOKS),$(LONG_FIRST)) $(sort $(filter-out $(LONG_FIRST),$(NOTEBOOKS)))
+RUN_TARGETS := $(addprefix nb-,$(RUN_ORDER))
+
 run: env
 	@mkdir -p runs/full figures
-	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; start=$$(date +%s); \
-		QLAB_HEADLESS=1 $(BIN)/papermill -k qlab --cwd notebooks --progress-bar $$nb runs/full/$$(basename $$nb) || exit 1; \
-		printf '%s\t%s\t%d s\t%s cores\n' "$$(date -I)" "$$(basename $$nb)" $$(( $$(date +%s) - start )) "$$(nproc)" | tee -a runs/full/times.tsv; \
-	done
+	@echo "running $(words $(RUN_TARGETS)) notebooks, $(RUN_JOBS) at a time; follow one with: tail -f runs/full/<name>.log"
+	@start=$$(date +%s); $(MAKE) --no-print-directory -j$(RUN_JOBS) $(RUN_TARGETS) && \
+		printf '%s\tmake run (%s notebooks, %s at a time)\t%d s\t%s cores\n' "$$(date -I)" "$(words $(RUN_TARGETS))" \
+		"$(RUN_JOBS)" $$(( $$(date +%s) - start )) "$$(nproc)" | tee -a runs/full/times.tsv
+
+nb-09_kquants: $(filter nb-05_rtn_sweep,$(RUN_TARGETS))
+nb-13_qat: $(filter nb-08_calibrated_sweep,$(RUN_TARGETS))
+
+nb-%:
+	@test -f notebooks/$*.ipynb || { echo "no notebook notebooks/$*.ipynb (NOTEBOOKS takes names such as 05_rtn_sweep)"; exit 1; }
+	@echo "== $* started $$(date +%T)"
+	@start=$$(date +%s); \
+	if OMP_NUM_THREADS=$(RUN_THREADS) QLAB_HEADLESS=1 $(BIN)/papermill -k qlab --cwd notebooks --progress-bar \
+		notebooks/$*.ipynb runs/full/$*.ipynb > runs/full/$*.log 2>&1; then \
+		printf '%s\t%s\t%d s\t%s cores, %s at a time, %s thread(s) each\n' "$$(date -I)" "$*.ipynb" \
+			$$(( $$(date +%s) - start )) "$$(nproc)" "$(RUN_JOBS)" "$(RUN_THREADS)" | tee -a runs/full/times.tsv; \
+	else tail -n 30 runs/full/$*.log; echo "== $* FAILED after $$(( $$(date +%s) - start )) s: runs/full/$*.log"; exit 1; fi
 
 # notebooks only, smoke mode, figures to runs/smoke/figures
 smoke: env
