@@ -10,6 +10,15 @@ Entries: RTN / NF4 / FP8 / ternary ... codes, scales, zero points and bytes on a
 block format's bytes (with and without an imatrix); GPTQ and AWQ codes on a fixed layer; SmoothQuant's
 int8 weights; and, on a tiny random Llama, every whole-model path (recipe walker, GGUF mix, sequential
 GPTQ and AWQ, W8A8 with and without SmoothQuant): the dequantized weight of every layer and the logits.
+
+Whole-model entries go through BLAS and depend on the CPU's kernels: on another CPU (one with AMX, say) the same
+code gives other last bits, so other digests. For such a machine, with code that passes the test on the machine
+``golden.pt`` was recorded on (the CI of the landed commit):
+
+    .venv/bin/python tests/data/golden/record.py --platform NAME   # writes platform-NAME.pt
+
+which holds only the entries that differ from ``golden.pt`` on this machine. The test accepts ``golden.pt``, or
+``golden.pt`` with one platform file's entries in place of its own; every other entry must still be equal.
 """
 import hashlib
 import sys
@@ -23,7 +32,26 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/ (for golden_cases)
 from golden_cases import compute_all  # noqa: E402
 
 if __name__ == "__main__":
+    import argparse
+    import platform
+
+    p = argparse.ArgumentParser(description="record golden.pt, or a platform file of the entries that differ")
+    p.add_argument("--platform", help="write platform-NAME.pt: the entries that differ from golden.pt here")
+    args = p.parse_args()
     torch.set_num_threads(1)
     out = compute_all()
-    torch.save(out, HERE / "golden.pt")
-    print(f"{len(out)} entries -> {HERE / 'golden.pt'} ({(HERE / 'golden.pt').stat().st_size:,} bytes)")
+    if args.platform:
+        golden = torch.load(HERE / "golden.pt", weights_only=False)
+        same = {k for k, v in out.items() if isinstance(v, torch.Tensor) and torch.equal(v, golden[k]) or
+                not isinstance(v, torch.Tensor) and v == golden[k]}
+        out = {k: v for k, v in out.items() if k not in same}
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
+                     platform.machine())
+        out["__machine__"] = f"{model}{' with AMX' if ' amx_tile' in cpu else ''}, torch {torch.__version__}, " \
+                             f"{torch.backends.cpu.get_cpu_capability()}"
+        path = HERE / f"platform-{args.platform}.pt"
+    else:
+        path = HERE / "golden.pt"
+    torch.save(out, path)
+    print(f"{len(out)} entries -> {path} ({path.stat().st_size:,} bytes)")
