@@ -13,11 +13,23 @@ Widths that do not divide 8 (3, 5, 6, 7 bits) straddle byte boundaries: eight co
 """
 import math
 
+from numba import njit
+import numpy as np
 import torch
 
 
 def packed_nbytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_nibbles(c, out):
+    """Byte j = code 2j | code 2j+1 << 4 (uint8 codes below 16); an odd count leaves the last high nibble 0."""
+    n = c.shape[0]
+    for j in range(n // 2):
+        out[j] = c[2 * j] | (c[2 * j + 1] << 4)
+    if n % 2:
+        out[n // 2] = c[n - 1]
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -32,9 +44,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = c.numel()
     if bits == 8:
         return c.to(torch.uint8)
+    if bits == 4 and c.device.type == "cpu":  # one compiled pass (strided torch ops on the pairs: ~25x slower)
+        out = np.empty(packed_nbytes(n, 4), dtype=np.uint8)
+        _pack_nibbles(c.to(torch.uint8).contiguous().numpy(), out)
+        return torch.from_numpy(out)
     if bits in (1, 2, 4):  # whole codes per byte: the same stream, in byte arithmetic (no 64-bit words)
         per_byte = 8 // bits
-        c = torch.nn.functional.pad(c.to(torch.uint8), (0, (-n) % per_byte)).reshape(-1, per_byte)
+        c = c.to(torch.uint8)
+        if n % per_byte:
+            c = torch.nn.functional.pad(c, (0, (-n) % per_byte))
+        c = c.reshape(-1, per_byte)
         out = c[:, 0].clone()
         for k in range(1, per_byte):  # code k of each byte at bits [k·bits, (k+1)·bits)
             out |= c[:, k] << (bits * k)

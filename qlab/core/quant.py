@@ -5,11 +5,13 @@ byte), the scales (in their storage dtype), the zero points or minima, and the s
 exact inverse on the grid: re-quantizing a dequantized tensor with the same scales gives the same codes.
 ``fake_quant`` gives the same numbers without packing; ``fake_quant_ste`` adds a straight-through gradient.
 """
+import math
 from typing import NamedTuple
 
 import torch
 
 from qlab.core import scales as _scales
+from qlab.core.formats.floating import FloatGrid, e4m3_codes
 from qlab.core.packing import pack
 from qlab.core.spec import DOUBLE_QUANT_SPEC, SCALE_DTYPES, QuantSpec
 from qlab.core.tensor import QuantizedTensor
@@ -70,19 +72,46 @@ def _full_range(G, mask, spec: QuantSpec):
     return _scales.minmax(G, mask, spec.grid)
 
 
+def _smallest_scale(dtype) -> float:
+    """The smallest scale a dtype stores without more than ~1% rounding error: 64 subnormal steps."""
+    return torch.finfo(dtype).tiny * torch.finfo(dtype).eps * 64
+
+
 def _check_underflow(raw: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Raise when a group with non-zero values would get a scale its storage dtype cannot hold (0, or a deep
     subnormal with more than ~1% rounding error: fp16 below 2^-18 = 3.8e-6), ``raw`` being the unclipped
     scales. Returns the mask of all-zero groups (symmetric or integer-zero-point specs), whose scale is stored
     as 0 so they de-quantize to exact zeros on every grid (a binary grid has no 0 level)."""
     dtype = SCALE_DTYPES[spec.scale_dtype]
-    smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps * 64  # 64 subnormal steps
-    bad = (raw > 0) & (raw.to(dtype).float() < smallest)
+    bad = (raw > 0) & (raw.to(dtype).float() < _smallest_scale(dtype))
     if bad.any():
         i = int(bad.nonzero()[0])
         raise ValueError(f"{int(bad.sum())} group scale(s) underflow {spec.scale_dtype} (e.g. group {i}: {float(raw[i]):.3g}, "
                          f"stored as {float(raw[i].to(dtype)):.3g}); store scales in fp32 (add '-sfp32' to the spec)")
     return (raw == 0) if not spec.float_min else torch.zeros_like(raw, dtype=torch.bool)
+
+
+def _check_range(G, raw, spec: QuantSpec):
+    """The scales ``raw`` (each group's range, >= 0, before rounding to the storage dtype) as stored and as
+    float32, checked: raises for NaN/Inf in G (they make their group's range NaN/Inf: validate() left this
+    out), for a scale that underflows (_check_underflow) or overflows the storage dtype. Returns (scale,
+    all-zero groups or None); all-zero groups get scale 1. The checks read four numbers, the extremes of raw
+    and of the stored scales (rounding is monotone: the largest range has the largest stored scale, the
+    smallest the smallest); only a zero or too small scale takes the group-by-group path."""
+    dtype = SCALE_DTYPES[spec.scale_dtype]
+    stored = raw.to(dtype)
+    scale = stored.float()
+    raw_lo, raw_hi, lo, hi = torch.stack([*torch.aminmax(raw), *torch.aminmax(scale)]).tolist()  # NaN propagates
+    if not (math.isfinite(raw_lo) and math.isfinite(raw_hi)):
+        check_finite(G)  # (finite groups whose range overflows pass, and fail the overflow check below)
+    zero_groups = None
+    if raw_lo == 0 or lo < _smallest_scale(dtype):
+        zero_groups = _check_underflow(raw, spec)  # raises if a non-zero group's scale underflows
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"a scale overflows {dtype}; store scales in fp32 (scale_dtype='fp32')")
+    if raw_lo == 0:  # all-zero groups (float minima: constant groups): scale 1
+        scale = torch.where(stored == 0, torch.ones_like(scale), scale)
+    return scale, zero_groups
 
 
 def _given(name, value, n_groups):
@@ -122,18 +151,17 @@ def _qparams(G, mask, spec: QuantSpec, scale=None, zero_point=None, minimum=None
         scale, zero_point = _scales.choose_qparams(G, mask, grid, "none", spec.symmetric, cast)
     elif scale is None:
         raw, offset = _full_range(G, mask, spec)  # one pass over the groups: the rule's range
-        if not torch.isfinite(raw).all():  # a NaN/Inf makes its group's range NaN/Inf: validate() left this out
-            check_finite(G)  # (finite groups whose range overflows pass, and fail the scale cast below)
-        zero_groups = _check_underflow(raw, spec)
         if spec.rule == "mse":  # searches clipped ranges below the full one
+            _, zero_groups = _check_range(G, raw, spec)
             scale, offset = _scales.choose_qparams(G, mask, grid, "mse", spec.symmetric and not spec.float_min, cast,
                                                    spec.float_min, cast_min)
         else:  # the rule's own answer is the full range (what choose_qparams would compute again)
-            scale, offset = cast(raw), (cast_min(offset) if spec.float_min else offset)
+            scale, zero_groups = _check_range(G, raw, spec)
+            offset = cast_min(offset) if spec.float_min else offset
         if spec.rule == "absmax" and not spec.double_quant:
             # |x| <= raw·max_abs up to raw's rounding (2^-24), so |x / scale| <= raw·max_abs / scale, up to
-            # that and the division's rounding: 1e-6 covers both
-            bound = float((raw.double() * grid.max_abs / scale.double()).max()) * (1 + 1e-6)
+            # that and the divisions' rounding: 1e-6 covers them
+            bound = float((raw.double() / scale).max()) * grid.max_abs * (1 + 1e-6)
         if spec.float_min:
             minimum = offset
         else:
@@ -214,6 +242,9 @@ def _encode_groups(G, p: QParams, grid, slab: int = 1 << 20, one_pass: int = 1 <
     slabs: each is a few more torch calls, and with two threads on a busy machine every call can stall.
     Elementwise, so slabs change no code."""
     dtype = torch.uint8 if grid.bits <= 8 else torch.int64
+    if isinstance(grid, FloatGrid) and grid.name == "fp8_e4m3" and p.zero_point is None and p.minimum is None \
+            and G.device.type == "cpu" and G.dtype == torch.float32:
+        return e4m3_codes(G, p.scale)  # divide and cast in one pass: no float temporary, no slabs needed
 
     def encode(rows, cols):
         per_group = [None if t is None else t[rows] for t in (p.scale, p.zero_point, p.minimum)]

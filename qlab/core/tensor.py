@@ -26,7 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from qlab.core import scales as _scales
-from qlab.core.decode4 import decode4, run_length
+from qlab.core.decode4 import decode4, decode8, run_length
+from qlab.core.formats import IntGrid
 from qlab.core.packing import pack, packed_nbytes, unpack
 from qlab.core.rotations import RandomizedHadamard, check_signs
 from qlab.core.spec import SCALE_DTYPES, QuantSpec
@@ -148,13 +149,17 @@ class QuantizedTensor:
         return self.spec.grid.decode(codes.reshape(self.shape))
 
     def dequantize(self) -> torch.Tensor:
-        gran = self.spec.granularity
-        L = run_length(gran, self.shape) if self.spec.bits == 4 and self.packed.device.type == "cpu" else None
-        if L is not None and L % 2 == 0:  # one pass over the bytes, the same bits (unless autograd needs torch)
+        gran, grid, bits = self.spec.granularity, self.spec.grid, self.spec.bits
+        one_pass = self.packed.device.type == "cpu" and (bits == 4 or bits == 8 and isinstance(grid, IntGrid))
+        L = run_length(gran, self.shape) if one_pass else None
+        if L is not None and (bits == 8 or L % 2 == 0):  # one pass over the bytes, the same bits (unless autograd needs torch)
             scale = self.scales().reshape(-1)
             zp = None if self.zero_point is None else self.zero_point.reshape(-1)
             if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (scale, zp, self.minimum))):
-                x_hat = decode4(self.packed, self.numel, _grid_table(self.spec.grid), L, scale, zp, self.minimum)
+                if bits == 4:
+                    x_hat = decode4(self.packed, self.numel, _grid_table(grid), L, scale, zp, self.minimum)
+                else:
+                    x_hat = decode8(self.packed, grid.qmin, L, scale, zp, self.minimum)
                 return x_hat.reshape(self.shape).to(self.dtype)
         Q, _ = gran.to_groups(self.values())  # a fresh tensor (grids decode into new memory): scaled in place
         zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()

@@ -66,11 +66,6 @@ def _pack_2bit(L):
     return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _unpack_2bit(qs):
-    q = qs.reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
-    return (q & 3).reshape(-1, QK_K)
-
-
 def _pack_4bit(L):
     """[B, 256] 0..15 -> [B, 128]: byte 32c+l holds value 64c+l (low) and 64c+32+l (high)."""
     L = L.astype(np.uint8).reshape(-1, 4, 2, 32)
@@ -118,16 +113,45 @@ def _pack_scales_q3(l6):
     return np.concatenate([low, high], axis=1)
 
 
-def _unpack_scales_q3(s):
-    s = s.astype(np.int32)
-    low = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1)
-    top = (s[:, 8:12].reshape(-1, 1, 4) >> (2 * np.arange(4)).reshape(1, 4, 1)) & 3   # [B, j//4, j%4]
-    return low | (top.reshape(-1, 16) << 4)
-
-
 def _superblock_sigma2(x, factor):
     """factor · Σx²/256 per super-block, summed left to right (the imatrix paths' σ²)."""
     return (F32(factor) * seqsum(x * x) / F32(QK_K)).astype(F32)
+
+
+# ---------------------------------------------------------------- decoding loops (Q2_K, Q3_K)
+# One pass per super-block, each output written once, with the float32 operations of ggml's
+# dequantize_row_qN_K (and of the gguf package's numpy): Q2_K (d·sc)·q - dmin·m, Q3_K (d·(sc - 32))·q.
+# Sub-block s (16 values) takes its 2-bit codes from bits 2j of bytes 32h + 16·half .. + 15 of qs,
+# s = 8h + 2j + half (the layout above); a whole-tensor numpy decode spends more time on its
+# temporaries (page faults of fresh memory) than on the arithmetic.
+
+@njit(cache=True, error_model="numpy")
+def _decode_q2_k(data, d, dmin, out):
+    """``out [B, 256]`` float32 from Q2_K blocks ``data [B, 84]``; ``d``, ``dmin`` [B]: their fp16 fields as float32."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        for s in range(16):
+            dl = d[b] * F32(blk[s] & 0xF)
+            ml = dmin[b] * F32(blk[s] >> 4)
+            qs, shift = blk[16 + 32 * (s // 8) + 16 * (s % 2):], 2 * ((s % 8) // 2)
+            for i in range(16):
+                ob[16 * s + i] = dl * F32((qs[i] >> shift) & 3) - ml
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q3_k(data, d, out):
+    """``out [B, 256]`` float32 from Q3_K blocks ``data [B, 110]`` (``d`` [B]: the fp16 field as float32): the
+    2-bit code q, minus 4 where bit 4h + j of hmask[16·half + i] is clear, times d·(sc - 32)."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        for s in range(16):
+            low = (blk[96 + s % 8] >> (4 * (s // 8))) & 0xF   # the 6-bit scale: 4 low bits (a nibble),
+            top = (blk[104 + s % 4] >> (2 * (s // 4))) & 3     # 2 high bits
+            dl = d[b] * F32((low | (top << 4)) - 32)
+            half, j = s % 2, (s % 8) // 2
+            qs, hm, shift, plane = blk[32 + 32 * (s // 8) + 16 * half:], blk[16 * half:], 2 * j, 4 * (s // 8) + j
+            for i in range(16):
+                ob[16 * s + i] = dl * F32(((qs[i] >> shift) & 3) - 4 + 4 * ((hm[i] >> plane) & 1))
 
 
 # ---------------------------------------------------------------- Q2_K
@@ -167,12 +191,9 @@ class Q2_K(BlockFormat):
                                f16_bytes(d), f16_bytes(dmin)], axis=1)
 
     def dequantize_blocks(self, data):
-        sc = data[:, :16].astype(np.int32)
-        q = _unpack_2bit(data[:, 16:80]).astype(F32).reshape(-1, 16, 16)
-        d, dmin = read_f16(data, 80), read_f16(data, 82)
-        dl = (d[:, None] * (sc & 0xF).astype(F32))[..., None]
-        ml = (dmin[:, None] * (sc >> 4).astype(F32))[..., None]
-        return (dl * q - ml).reshape(-1, QK_K).astype(F32, copy=False)
+        out = np.empty((data.shape[0], QK_K), F32)
+        _decode_q2_k(data, read_f16(data, 80), read_f16(data, 82), out)
+        return out
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -208,13 +229,9 @@ class Q3_K(BlockFormat):
         return np.concatenate([_pack_bitplane(high, 8), _pack_2bit(L & 3), sc_bytes, f16_bytes(d)], axis=1)
 
     def dequantize_blocks(self, data):
-        high = _unpack_bitplane(data[:, :32], 8).astype(np.int32)
-        q = _unpack_2bit(data[:, 32:96]).astype(np.int32)
-        sc = _unpack_scales_q3(data[:, 96:108]) - 32
-        d = read_f16(data, 108)
-        dl = (d[:, None] * sc.astype(F32))[..., None]
-        val = (q - 4 * (1 - high)).astype(F32).reshape(-1, 16, 16)
-        return (dl * val).reshape(-1, QK_K).astype(F32, copy=False)
+        out = np.empty((data.shape[0], QK_K), F32)
+        _decode_q3_k(data, read_f16(data, 108), out)
+        return out
 
 
 # ---------------------------------------------------------------- Q4_K and Q5_K

@@ -1,10 +1,10 @@
-"""The one-pass 4-bit decoder gives the two-pass path's bits (values() looked up, then scaled per group)."""
+"""The one-pass 4-bit and 8-bit decoders give the two-pass path's bits (values() looked up, then scaled per group)."""
 import pytest
 import torch
 
 from qlab import quantize
 from qlab.core import scales as _scales
-from qlab.core.decode4 import decode4, run_length
+from qlab.core.decode4 import decode4, decode8, run_length
 from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 
 
@@ -18,7 +18,10 @@ def two_pass(qt):
 
 
 SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax", "int4-g32-asym-minmax-fmin",
-         "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16"]
+         "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16",
+         # decode8: signed grids (restricted and full), unsigned with zero points or float minima
+         "int8", "int8-full", "int8-tensor", "int8-g32-asym-minmax", "int8-g32-asym-minmax-fmin", "int8-token-asym-minmax",
+         "int8-g16-sbf16", "int8-b64-sfp32"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -66,3 +69,12 @@ def test_autograd_through_the_scales_keeps_the_torch_path():
     assert qt.scale.grad is not None and qt.scale.grad.shape == qt.scale.shape
     with torch.no_grad():
         assert torch.equal(qt.dequantize(), x_hat.detach())
+
+
+def test_decoder8_by_hand():
+    # codes 0, 1, 254, 255 of a grid whose code 0 is -127: values -127, -126, 127, 128; L = 2
+    codes = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    scale = torch.tensor([2.0, 0.5])
+    assert decode8(codes, -127, 2, scale).tolist() == [-254.0, -252.0, 63.5, 64.0]
+    assert decode8(codes, 0, 2, scale, zero_point=torch.tensor([1.0, 255.0])).tolist() == [-2.0, 0.0, -0.5, 0.0]
+    assert decode8(codes[:3], 0, 2, scale, minimum=torch.tensor([0.5, -1.0])).tolist() == [0.5, 2.5, 126.0]

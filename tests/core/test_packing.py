@@ -43,3 +43,16 @@ def test_unpack_to_uint8_is_the_same_codes(bits, gen):
 def test_unpack_refuses_uint8_for_16_bit_codes():
     with pytest.raises(ValueError, match="do not fit in uint8"):
         unpack(pack(torch.tensor([300]), 16), 16, 1, torch.uint8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1001])
+def test_nibble_loop_packs_as_the_bit_stream_says(n, gen):
+    """4-bit codes take a compiled loop: byte j = code 2j | code 2j+1 << 4 (an odd count: high nibble 0), from
+    int64, uint8 or a non-contiguous view alike."""
+    codes = torch.randint(0, 16, (n,), generator=gen)
+    padded = torch.cat([codes, torch.zeros(n % 2, dtype=codes.dtype)])
+    expected = (padded[0::2] | (padded[1::2] << 4)).to(torch.uint8)
+    assert torch.equal(pack(codes, 4), expected)
+    assert torch.equal(pack(codes.to(torch.uint8), 4), expected)
+    wide = torch.stack([codes, torch.zeros_like(codes)], dim=1)[:, 0]  # stride 2
+    assert (n == 1 or not wide.is_contiguous()) and torch.equal(pack(wide, 4), expected)

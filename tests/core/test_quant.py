@@ -6,7 +6,7 @@ import torch
 
 from qlab.core.quant import _encode_groups, _qparams, fake_quant, qparams, quantize
 from qlab.core.packing import pack
-from qlab.core.spec import QuantSpec
+from qlab.core.spec import SCALE_DTYPES, QuantSpec
 from qlab.core.tensor import QuantizedTensor
 from qlab.core.granularity import PerGroup
 
@@ -401,3 +401,53 @@ def test_given_quantization_parameters_are_checked():
         quantize(x, "int4-g32", scale=-torch.ones(8))
     with pytest.raises(ValueError, match="already an 8-bit float"):
         quantize(x.to(torch.float8_e4m3fn), "int4-g32")
+
+
+def _checked_group_by_group(G, raw, spec):
+    """The scale checks as _qparams made them before _check_range: a NaN/Inf pass when a range is not finite,
+    the underflow check of every group, then the cast with its overflow check (the reference)."""
+    from qlab.core import quant as Q
+    if not torch.isfinite(raw).all():
+        Q.check_finite(G)
+    zero_groups = Q._check_underflow(raw, spec)
+    scale = Q._cast_scale(SCALE_DTYPES[spec.scale_dtype])(raw)
+    return scale, (zero_groups if zero_groups.any() else None)
+
+
+@pytest.mark.parametrize("text", ["int8-channel", "int4-g16", "int4-g16-asym-minmax", "int4-g16-asym-minmax-fmin",
+                                  "int8-channel-sbf16", "int4-g16-sfp32", "ternary-channel", "fp8_e4m3-channel-sfp16"])
+@pytest.mark.parametrize("case", ["plain", "zero groups", "underflow", "underflow and zero groups", "overflow",
+                                  "underflow and overflow", "nan", "inf and zero groups", "range overflows float32"])
+def test_scale_checks_from_four_extremes_agree_with_the_group_by_group_checks(text, case):
+    """_check_range reads the extremes of the ranges and of the stored scales: the same scales, all-zero groups
+    and errors (message included) as checking every group."""
+    from qlab.core import quant as Q
+    spec = QuantSpec.parse(text)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(7))
+    if "zero groups" in case:
+        x[1] = 0.0
+    if "underflow" in case:
+        x[2] *= 1e-9
+        x[4, :16] *= 1e-9
+    if "overflow" in case and "range" not in case:
+        x[3] *= 1e9
+    if case == "nan":
+        x[5, 3] = float("nan")
+    if "inf" in case:
+        x[0, 0] = float("inf")
+    if case == "range overflows float32":
+        x[3, :2] = torch.tensor([3e38, -3e38])
+    G, mask = spec.granularity.to_groups(x)
+    raw, _ = Q._full_range(G, mask, spec)
+    try:
+        want = _checked_group_by_group(G, raw, spec)
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            Q._check_range(G, raw, spec)
+        assert str(got.value) == str(e)
+        return
+    scale, zero_groups = Q._check_range(G, raw, spec)
+    assert torch.equal(scale, want[0]) and scale.dtype == torch.float32
+    if zero_groups is not None and not zero_groups.any():  # float minima: constant groups are no zero groups
+        zero_groups = None
+    assert (zero_groups is None and want[1] is None) or torch.equal(zero_groups, want[1])

@@ -22,12 +22,43 @@ from dataclasses import dataclass
 from functools import lru_cache
 import math
 
+from numba import njit
+import numpy as np
 import torch
 
 # Grids torch has a dtype for: rounding and encoding are its cast (round to nearest even, bit for bit the
 # arithmetic below: tests/core/formats/test_floating.py checks the two agree), 10-30x faster.
 TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
+
+
+@njit(cache=True, error_model="numpy")
+def _e4m3_codes(G, scale, out):
+    """``out[g, j]`` = the E4M3 code of the float32 G[g, j] / scale[g], rounded to nearest even, saturating
+    at +-448 (inf too), NaN to 0x7F (with its sign): the bits of torch's cast (c10's fp8e4m3fn_from_fp32_value,
+    checked on all 2^32 floats) of the clamped quotient. Branch-free, so that it vectorises."""
+    for g in range(G.shape[0]):
+        s = scale[g]
+        for j in range(G.shape[1]):
+            v = G[g, j] / s
+            w = np.int32(np.float32(v).view(np.int32))
+            a = w & 0x7FFFFFFF  # |v|'s bits
+            sub = np.int32(np.rint(abs(v) * np.float32(512)))  # below 2^-6: subnormal steps of 2^-9
+            # normal: rebias the exponent (127 -> 7) and round the mantissa's 20 dropped bits, ties to even;
+            # a carry into 0x7F (NaN) saturates, as everything from 480 on
+            normal = min((a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20, 0x7E)
+            big = 0x7F if a > 0x7F800000 else 0x7E  # NaN, or >= 480 and inf
+            code = big if a >= 0x43F00000 else (sub if a < (121 << 23) else normal)
+            out[g, j] = code | ((w >> 24) & 0x80)
+
+
+def e4m3_codes(G: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The E4M3 codes (uint8) of G / scale[:, None] for float32 groups G [n_groups, len] on the CPU: what
+    ``FloatGrid('fp8_e4m3').encode_nearest(G / scale[:, None])`` gives, in one pass and no float temporary
+    (torch's divide, then its cast: ~3x the time at 576 x 1536)."""
+    out = np.empty(tuple(G.shape), dtype=np.uint8)
+    _e4m3_codes(G.detach().contiguous().numpy(), scale.detach().float().contiguous().numpy(), out)
+    return torch.from_numpy(out)
 
 
 @lru_cache(maxsize=None)
