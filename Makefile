@@ -46,7 +46,7 @@ test: env browser
 NOTEBOOKS ?= $(notdir $(basename $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 RUN_JOBS ?= 2
 RUN_THREADS ?= 1
-LONG_FIRST := 08_calibrated_sweep 05_rtn_sweep 12_kv_cache 13_qat 11_rotations_lattices_codebooks 09_kquants
+LONG_FIRST := 08_calibrated_sweep 05_rtn_sweep 13_qat 12_kv_cache 11_rotations_lattices_codebooks 09_kquants
 RUN_ORDER := $(filter $(NOTEBOOKS),$(LONG_FIRST)) $(sort $(filter-out $(LONG_FIRST),$(NOTEBOOKS)))
 RUN_TARGETS := $(addprefix nb-,$(RUN_ORDER))
 
