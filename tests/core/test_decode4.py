@@ -37,6 +37,24 @@ def test_one_pass_equals_two_pass_bit_for_bit(spec, shape):
     assert torch.equal(x_hat.view(torch.int32), two_pass(qt).view(torch.int32)), (spec, shape)
 
 
+
+@pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_chunks_equal_two_pass_bit_for_bit(spec, threads):
+    # 3 x 16,389 values: several parallel chunks of decode4.CHUNK, rows of 16,389 straddling their edges, an odd
+    # count (the last byte holds one code); one and two threads give the two-pass bits
+    from qlab.core.decode4 import CHUNK
+
+    W = torch.randn(3, CHUNK + 5, generator=torch.Generator().manual_seed(5))
+    qt = quantize(W, spec)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x_hat = qt.dequantize()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(x_hat.view(torch.int32), two_pass(qt).view(torch.int32))
+
 def test_run_lengths_of_each_granularity():
     assert run_length(PerBlock(64), (5, 13)) == 64
     assert run_length(PerTensor(), (5, 13)) == 65

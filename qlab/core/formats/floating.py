@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 import math
 
-from numba import njit
+from numba import njit, prange
 import numpy as np
 import torch
 
@@ -32,14 +32,19 @@ TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, 
                 "bf16": torch.bfloat16}
 
 
-@njit(cache=True, error_model="numpy")
+_E4M3_CHUNK = 1 << 14  # values per parallel chunk of a row (numba's threads, as many as torch's)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
 def _e4m3_codes(G, scale, out):
     """``out[g, j]`` = the E4M3 code of the float32 G[g, j] / scale[g], rounded to nearest even, saturating
     at +-448 (inf too), NaN to 0x7F (with its sign): the bits of torch's cast (c10's fp8e4m3fn_from_fp32_value,
     checked on all 2^32 floats) of the clamped quotient. Branch-free, so that it vectorises."""
-    for g in range(G.shape[0]):
+    per_row = (G.shape[1] + _E4M3_CHUNK - 1) // _E4M3_CHUNK
+    for c in prange(G.shape[0] * per_row):  # chunks of rows, so that one row (per tensor) runs in parallel too
+        g, start = c // per_row, (c % per_row) * _E4M3_CHUNK
         s = scale[g]
-        for j in range(G.shape[1]):
+        for j in range(start, min(G.shape[1], start + _E4M3_CHUNK)):
             v = G[g, j] / s
             w = np.int32(np.float32(v).view(np.int32))
             a = w & 0x7FFFFFFF  # |v|'s bits
@@ -56,7 +61,10 @@ def e4m3_codes(G: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The E4M3 codes (uint8) of G / scale[:, None] for float32 groups G [n_groups, len] on the CPU: what
     ``FloatGrid('fp8_e4m3').encode_nearest(G / scale[:, None])`` gives, in one pass and no float temporary
     (torch's divide, then its cast: ~3x the time at 576 x 1536)."""
+    from qlab.core.decode4 import match_torch_threads
+
     out = np.empty(tuple(G.shape), dtype=np.uint8)
+    match_torch_threads()
     _e4m3_codes(G.detach().contiguous().numpy(), scale.detach().float().contiguous().numpy(), out)
     return torch.from_numpy(out)
 
