@@ -72,20 +72,10 @@ def _pack_4bit(L):
     return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
 
 
-def _unpack_4bit(qs):
-    q = qs.reshape(-1, 4, 1, 32)
-    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(-1, QK_K)
-
-
 def _pack_bitplane(bits, n_planes):
     """[B, n_planes·32] single bits -> [B, 32]: byte l holds bit p of value 32p+l at position p."""
     b = bits.astype(np.uint8).reshape(-1, n_planes, 32)
     return (b << np.arange(n_planes, dtype=np.uint8).reshape(1, -1, 1)).sum(axis=1, dtype=np.uint8)
-
-
-def _unpack_bitplane(plane, n_planes):
-    b = plane.reshape(-1, 1, 32) >> np.arange(n_planes, dtype=np.uint8).reshape(1, -1, 1)
-    return (b & 1).reshape(-1, n_planes * 32)
 
 
 def _pack_scale_min_k4(ls, lm):
@@ -95,13 +85,6 @@ def _pack_scale_min_k4(ls, lm):
     mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
     return np.concatenate([lo, mid, hi], axis=1)
-
-
-def _unpack_scale_min_k4(s):
-    s = s.astype(np.int32)
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    return sc, mn
 
 
 def _pack_scales_q3(l6):
@@ -152,6 +135,64 @@ def _decode_q3_k(data, d, out):
             qs, hm, shift, plane = blk[32 + 32 * (s // 8) + 16 * half:], blk[16 * half:], 2 * j, 4 * (s // 8) + j
             for i in range(16):
                 ob[16 * s + i] = dl * F32(((qs[i] >> shift) & 3) - 4 + 4 * ((hm[i] >> plane) & 1))
+
+
+# ---------------------------------------------------------------- decoding loops (Q4_K, Q5_K, Q6_K)
+# The same one pass per super-block: Q4_K/Q5_K (d·sc)·q - dmin·m per sub-block of 32 (sub-block s takes the
+# nibbles 4·(s % 2) of bytes 32·(s // 2) .. + 31 of qs, Q5_K adds bit s of each qh byte as q's bit 4),
+# Q6_K (d·sc)·(q - 32) per sub-block of 16.
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _scale_min_k4(q, j):
+    """Sub-block j's 6-bit scale and min from the 12 scale bytes ``q`` (ggml's get_scale_min_k4)."""
+    if j < 4:
+        return q[j] & 63, q[j + 4] & 63
+    return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q4_k(data, d, dmin, out):
+    """``out [B, 256]`` float32 from Q4_K blocks ``data [B, 144]`` (ggml's dequantize_row_q4_K)."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        for s in range(8):
+            sc, m = _scale_min_k4(blk[4:16], s)
+            dl, ml = d[b] * F32(sc), dmin[b] * F32(m)
+            qs, shift = blk[16 + 32 * (s // 2):], 4 * (s % 2)
+            for i in range(32):
+                ob[32 * s + i] = dl * F32((qs[i] >> shift) & 0xF) - ml
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q5_k(data, d, dmin, out):
+    """``out [B, 256]`` float32 from Q5_K blocks ``data [B, 176]`` (ggml's dequantize_row_q5_K)."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        qh = blk[16:48]
+        for s in range(8):
+            sc, m = _scale_min_k4(blk[4:16], s)
+            dl, ml = d[b] * F32(sc), dmin[b] * F32(m)
+            qs, shift = blk[48 + 32 * (s // 2):], 4 * (s % 2)
+            for i in range(32):
+                ob[32 * s + i] = dl * F32(((qs[i] >> shift) & 0xF) | (((qh[i] >> s) & 1) << 4)) - ml
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q6_k(data, d, out):
+    """``out [B, 256]`` float32 from Q6_K blocks ``data [B, 210]`` (ggml's dequantize_row_q6_K): sub-block
+    s = 8h + 2k + l // 16 holds values 128h + 32k + l, low 4 bits from nibble k // 2 of ql[64h + 32·(k % 2) + l],
+    high 2 bits from bits 2k of qh[32h + l]; its scale is the int8 scales[s]."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        for s in range(16):
+            h, k, l0 = s // 8, (s % 8) // 2, 16 * (s % 2)
+            sc = np.int32(blk[192 + s]) - 256 * np.int32(blk[192 + s] >> 7)   # the byte as int8
+            dl = d[b] * F32(sc)
+            ql, qh = blk[64 * h + 32 * (k % 2) + l0:], blk[128 + 32 * h + l0:]
+            lo_shift, hi_shift = 4 * (k // 2), 2 * k
+            for i in range(16):
+                q = ((ql[i] >> lo_shift) & 0xF) | (((qh[i] >> hi_shift) & 3) << 4)
+                ob[16 * s + i] = dl * F32(np.int32(q) - 32)
 
 
 # ---------------------------------------------------------------- Q2_K
@@ -274,37 +315,30 @@ class _KAffine(BlockFormat):
         return d, dmin, ls, lm, L.reshape(B, QK_K).astype(np.uint8)   # levels 0..31
 
     def dequantize_blocks(self, data):
-        d, dmin = read_f16(data, 0), read_f16(data, 2)
-        sc, mn = _unpack_scale_min_k4(data[:, 4:16])
-        q = self.stored_codes(data).astype(F32).reshape(-1, 8, 32)
-        dl = (d[:, None] * sc.astype(F32))[..., None]
-        ml = (dmin[:, None] * mn.astype(F32))[..., None]
-        return (dl * q - ml).reshape(-1, QK_K).astype(F32, copy=False)
+        out = np.empty((data.shape[0], QK_K), F32)   # numpy's allocation: huge pages for large outputs
+        self.decode(data, read_f16(data, 0), read_f16(data, 2), out)
+        return out
 
 
 @register
 class Q4_K(_KAffine):
     name, ggml_type, qmax, ref_search = "Q4_K", T.Q4_K, 15, (-1.0, 0.1, 20)
+    decode = staticmethod(_decode_q4_k)
 
     def quantize_blocks(self, x, qw, sigma2):
         d, dmin, ls, lm, L = self.levels(x, qw)
         return np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_4bit(L)], axis=1)
 
-    def stored_codes(self, data):
-        return _unpack_4bit(data[:, 16:])
-
 
 @register
 class Q5_K(_KAffine):
     name, ggml_type, qmax, ref_search = "Q5_K", T.Q5_K, 31, (-0.5, 0.1, 15)
+    decode = staticmethod(_decode_q5_k)
 
     def quantize_blocks(self, x, qw, sigma2):
         d, dmin, ls, lm, L = self.levels(x, qw)
         return np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(ls, lm),
                                _pack_bitplane(L >> 4, 8), _pack_4bit(L & 0xF)], axis=1)
-
-    def stored_codes(self, data):
-        return _unpack_4bit(data[:, 48:]) | (_unpack_bitplane(data[:, 16:48], 8) << 4)
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -335,11 +369,6 @@ class Q6_K(BlockFormat):
         return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), f16_bytes(d)], axis=1)
 
     def dequantize_blocks(self, data):
-        ql = data[:, :128].reshape(-1, 2, 2, 32)                    # [B, half, k%2, l]
-        lo = np.concatenate([ql & 0xF, ql >> 4], axis=2)            # [B, half, k, l]
-        qh = data[:, 128:192].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
-        x = (lo | ((qh & 3) << 4)).astype(F32).reshape(-1, 16, 16)   # codes 0..63, uint8 until here
-        x -= 32
-        sc = data[:, 192:208].view(np.int8).astype(F32)
-        x *= (read_f16(data, 208)[:, None] * sc)[..., None]        # d·sc, then ·(q - 32), as the C
-        return x.reshape(-1, QK_K)
+        out = np.empty((data.shape[0], QK_K), F32)
+        _decode_q6_k(data, read_f16(data, 208), out)
+        return out

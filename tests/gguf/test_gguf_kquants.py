@@ -118,17 +118,12 @@ def test_byte_budget_sums_to_block_size():
         assert sum(r["bits_per_weight"] for r in rows) == pytest.approx(qg.get_format(name).bits_per_weight)
 
 
-@pytest.mark.parametrize("name", ["Q2_K", "Q3_K"])
-def test_compiled_decoders_bit_exact_with_any_finite_fp16_fields(name):
-    """Q2_K / Q3_K decode in a compiled loop: bit-exact with the gguf package for every finite half in d (and
-    dmin), subnormals and 65504 included, and every byte elsewhere."""
+@pytest.mark.parametrize("name", KQ)
+def test_compiled_decoders_bit_exact_with_any_finite_fp16_fields(name, any_finite_halves_blocks):
+    """Every k-quant decodes in a compiled loop (_decode_q2_k .. _decode_q6_k): bit-exact with the gguf package
+    for every finite half in d (and dmin), ±0, subnormals and ±65504 included, and every byte elsewhere."""
     fmt = qg.get_format(name)
-    rng = np.random.default_rng(1)
-    data = rng.integers(0, 256, (4096, fmt.type_size), dtype=np.uint8)
-    for off in fmt.f16_offsets:
-        halves = rng.integers(0, 1 << 16, 4096).astype(np.uint16)
-        halves = np.where((halves & 0x7C00) == 0x7C00, halves & 0x83FF, halves)  # inf/NaN -> a finite half
-        data[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+    data = any_finite_halves_blocks(fmt)
     ours = fmt.dequantize_blocks(data)
     ref = gguf.quants.dequantize(data, fmt.ggml_type).reshape(4096, 256)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))

@@ -68,6 +68,18 @@ def test_tensor_api_matches_core_attribute_names(outlier_rows):
 
 
 @pytest.mark.parametrize("name", LEGACY)
+def test_compiled_decoders_bit_exact_with_any_finite_fp16_fields(name, any_finite_halves_blocks):
+    """The compiled decode loops (_decode_q4_0 .. _decode_q8_0): bit-exact with the gguf package for every
+    finite half in d (and m), ±0, subnormals and ±65504 included, and every byte elsewhere; also on a strided
+    view of the blocks."""
+    fmt = qg.get_format(name)
+    data = any_finite_halves_blocks(fmt, 8192)
+    ref = gguf.quants.dequantize(data, fmt.ggml_type).reshape(8192, 32)
+    assert np.array_equal(fmt.dequantize_blocks(data).view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(fmt.dequantize_blocks(data[::2]).view(np.uint32), ref[::2].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", LEGACY)
 def test_edge_blocks_match_gguf_package(name):
     """The compiled block loops on the blocks where C details show: all zeros (d = -0.0 for the _0 types),
     a constant block, ties between +max and -max (the first one wins), exact .5 steps, one huge outlier."""
