@@ -17,8 +17,7 @@ import math
 
 import numpy as np
 import torch
-import numba
-from numba import njit, prange
+from numba import njit
 
 from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 
@@ -53,55 +52,36 @@ def _scaled(v, s, zp, mn, zero_point, minimum):
     return v * s
 
 
-# values per parallel chunk: the loops below split the flat output into chunks of CHUNK values, run on numba's
-# threads (as many as torch uses, ``match_torch_threads``); a chunk walks the groups it overlaps
-CHUNK = 1 << 14  # even, so a chunk never starts inside a byte
-
-
-def match_torch_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch's (``torch.set_num_threads``): a decode is then as
-    parallel as the torch code around it, and one-threaded in a one-threaded process."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def _decode4(packed, table, L, scale, zero_point, minimum, out):
     """``out[k]`` for every k: code k is nibble k & 1 of byte k >> 1 (low first), its group k // L (L even)."""
     n = out.shape[0]
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        start, end = c * CHUNK, min(n, (c + 1) * CHUNK)
-        while start < end:  # the part of each group inside this chunk
-            g = start // L
-            stop = min(end, (g + 1) * L)
-            s = scale[g]
-            zp = zero_point[g] if zero_point is not None else np.float32(0)
-            mn = minimum[g] if minimum is not None else np.float32(0)
-            pb, ob = packed[start >> 1:stop >> 1], out[start:stop]  # its bytes and values (slices: ~30% faster)
-            for j in range(pb.shape[0]):
-                b = pb[j]
-                ob[2 * j] = _scaled(table[b & 15], s, zp, mn, zero_point, minimum)
-                ob[2 * j + 1] = _scaled(table[b >> 4], s, zp, mn, zero_point, minimum)
-            if stop & 1:  # an odd count: the last byte holds one code, in its low nibble
-                out[stop - 1] = _scaled(table[packed[stop >> 1] & 15], s, zp, mn, zero_point, minimum)
-            start = stop
+    for g in range(scale.shape[0]):
+        s = scale[g]
+        zp = zero_point[g] if zero_point is not None else np.float32(0)
+        mn = minimum[g] if minimum is not None else np.float32(0)
+        start, stop = g * L, min(n, (g + 1) * L)
+        pb, ob = packed[start >> 1:stop >> 1], out[start:stop]  # this group's bytes and values (slices: ~30% faster)
+        for j in range(pb.shape[0]):
+            b = pb[j]
+            ob[2 * j] = _scaled(table[b & 15], s, zp, mn, zero_point, minimum)
+            ob[2 * j + 1] = _scaled(table[b >> 4], s, zp, mn, zero_point, minimum)
+        if stop & 1:  # an odd count: the last byte holds one code, in its low nibble
+            out[stop - 1] = _scaled(table[packed[stop >> 1] & 15], s, zp, mn, zero_point, minimum)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def _decode8(codes, qmin, L, scale, zero_point, minimum, out):
     """``out[k]`` for every k: grid value code_k + qmin (an integer, exact in float32), its group k // L."""
     n = out.shape[0]
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        start, end = c * CHUNK, min(n, (c + 1) * CHUNK)
-        while start < end:
-            g = start // L
-            stop = min(end, (g + 1) * L)
-            s = scale[g]
-            zp = zero_point[g] if zero_point is not None else np.float32(0)
-            mn = minimum[g] if minimum is not None else np.float32(0)
-            cb, ob = codes[start:stop], out[start:stop]
-            for j in range(cb.shape[0]):
-                ob[j] = _scaled(np.float32(np.int32(cb[j]) + qmin), s, zp, mn, zero_point, minimum)
-            start = stop
+    for g in range(scale.shape[0]):
+        s = scale[g]
+        zp = zero_point[g] if zero_point is not None else np.float32(0)
+        mn = minimum[g] if minimum is not None else np.float32(0)
+        start, stop = g * L, min(n, (g + 1) * L)
+        cb, ob = codes[start:stop], out[start:stop]
+        for j in range(cb.shape[0]):
+            ob[j] = _scaled(np.float32(np.int32(cb[j]) + qmin), s, zp, mn, zero_point, minimum)
 
 
 def _numpy(t):
@@ -118,7 +98,6 @@ def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: to
     # numpy's allocator asks the kernel for huge pages (madvise) for arrays of 4 MB and more, torch's does not:
     # at 4096 x 4096 (64 MB) first touching the fresh output costs ~10 ms instead of ~25 ms (512 faults, not 16k)
     out = np.empty(n, dtype=np.float32)
-    match_torch_threads()
     _decode4(packed.contiguous().numpy(), _numpy(table), L, _numpy(scale), _numpy(zero_point), _numpy(minimum), out)
     return torch.from_numpy(out)
 
@@ -129,7 +108,6 @@ def decode8(codes: torch.Tensor, qmin: int, L: int, scale: torch.Tensor, zero_po
     scaled as decode4 scales: every ``L`` consecutive ones share an entry of ``scale`` (and ``zero_point`` or
     ``minimum``). One pass; torch's int8 -> float32 conversion alone takes longer (~0.3 ns a value, unvectorised)."""
     out = np.empty(codes.numel(), dtype=np.float32)  # numpy's allocation: huge pages for large outputs (decode4)
-    match_torch_threads()
     _decode8(codes.reshape(-1).contiguous().numpy(), np.int32(qmin), L, _numpy(scale), _numpy(zero_point),
              _numpy(minimum), out)
     return torch.from_numpy(out)

@@ -40,12 +40,9 @@ def test_one_pass_equals_two_pass_bit_for_bit(spec, shape):
 
 @pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_parallel_chunks_equal_two_pass_bit_for_bit(spec, threads):
-    # 3 x 16,389 values: several parallel chunks of decode4.CHUNK, rows of 16,389 straddling their edges, an odd
-    # count (the last byte holds one code); one and two threads give the two-pass bits
-    from qlab.core.decode4 import CHUNK
-
-    W = torch.randn(3, CHUNK + 5, generator=torch.Generator().manual_seed(5))
+def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads):
+    # 3 x 16,389 values, an odd count (the last byte holds one code); one and two torch threads give the same bits
+    W = torch.randn(3, (1 << 14) + 5, generator=torch.Generator().manual_seed(5))
     qt = quantize(W, spec)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

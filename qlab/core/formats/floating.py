@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 import math
 
-from numba import njit, prange
+from numba import njit
 import numpy as np
 import torch
 
@@ -30,9 +30,6 @@ import torch
 # arithmetic below: tests/core/formats/test_floating.py checks the two agree), 10-30x faster.
 TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
-
-
-_E4M3_CHUNK = 1 << 14  # values per parallel chunk of a row (numba's threads, as many as torch's)
 
 
 @njit(cache=True, error_model="numpy")
@@ -53,26 +50,19 @@ def _e4m3_run(x, s, out):
         out[j] = code | ((w >> 24) & 0x80)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def _e4m3_codes(G, scale, out):
-    """``out[g, j]`` = the E4M3 code of G[g, j] / scale[g] (``_e4m3_run``), in parallel chunks of rows (so one
-    row, per tensor, runs in parallel too; each chunk a slice: a loop over the slice vectorises, one with the
-    chunk's bounds inside the parallel loop does not, ~2.5x slower)."""
-    per_row = (G.shape[1] + _E4M3_CHUNK - 1) // _E4M3_CHUNK
-    for c in prange(G.shape[0] * per_row):
-        g, start = c // per_row, (c % per_row) * _E4M3_CHUNK
-        stop = min(G.shape[1], start + _E4M3_CHUNK)
-        _e4m3_run(G[g, start:stop], scale[g], out[g, start:stop])
+    """``out[g, j]`` = the E4M3 code of G[g, j] / scale[g] (``_e4m3_run``), row by row (a loop over a row's
+    slice vectorises; numba's parallel loops are not used: their OpenMP layer slows torch's own threads)."""
+    for g in range(G.shape[0]):
+        _e4m3_run(G[g], scale[g], out[g])
 
 
 def e4m3_codes(G: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The E4M3 codes (uint8) of G / scale[:, None] for float32 groups G [n_groups, len] on the CPU: what
     ``FloatGrid('fp8_e4m3').encode_nearest(G / scale[:, None])`` gives, in one pass and no float temporary
     (torch's divide, then its cast: ~3x the time at 576 x 1536)."""
-    from qlab.core.decode4 import match_torch_threads
-
     out = np.empty(tuple(G.shape), dtype=np.uint8)
-    match_torch_threads()
     _e4m3_codes(G.detach().contiguous().numpy(), scale.detach().float().contiguous().numpy(), out)
     return torch.from_numpy(out)
 
