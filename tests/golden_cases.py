@@ -5,6 +5,7 @@ inputs and the calls are fixed, so the recorded file states what the code comput
 """
 import copy
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -15,6 +16,15 @@ def digest(t) -> str:
         return hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest()
     t = t.detach().contiguous().cpu()
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()).hexdigest()
+
+
+def same(got, want) -> bool:
+    """Is a recomputed entry the recorded one: equal tensors of the same dtype, or equal values (NaN = NaN)?"""
+    if isinstance(want, torch.Tensor):
+        return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+    if isinstance(want, float):
+        return got == want or (math.isnan(got) and math.isnan(want))
+    return got == want
 
 
 def fixed_weight():

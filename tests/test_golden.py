@@ -2,13 +2,12 @@
 
 Whole-model entries depend on the CPU's BLAS kernels: ``platform-*.pt`` hold their digests on other machines
 (tests/data/golden/record.py says how they are recorded); one of them may stand in for golden.pt's."""
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from golden_cases import compute_all
+from golden_cases import compute_all, same
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "golden.pt"
 PLATFORMS = sorted(GOLDEN.parent.glob("platform-*.pt"))
@@ -24,24 +23,16 @@ def now():
         torch.set_num_threads(before)
 
 
-def _same(got, want) -> bool:
-    if isinstance(want, torch.Tensor):
-        return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
-    if isinstance(want, float):
-        return got == want or (math.isnan(got) and math.isnan(want))
-    return got == want
-
-
 def test_every_recorded_output_is_unchanged(now):
     golden = torch.load(GOLDEN, weights_only=False)
     assert set(now) == set(golden), sorted(set(now) ^ set(golden))[:5]
-    changed = [key for key, want in golden.items() if not _same(now[key], want)]
+    changed = [key for key, want in golden.items() if not same(now[key], want)]
     if not changed:
         return
     for path in PLATFORMS:  # golden.pt with another machine's whole-model digests in place of its own
         other = torch.load(path, weights_only=False)
         machine = other.pop("__machine__")
-        if set(changed) <= set(other) and all(_same(now[k], v) for k, v in other.items()):
+        if set(changed) <= set(other) and all(same(now[k], v) for k, v in other.items()):
             print(f"golden outputs equal, with the whole-model digests of {path.name} ({machine})")
             return
     assert not changed, (f"{len(changed)} golden outputs changed, e.g. {changed[:8]} (none of the platform files "

@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/ (for golden_cases)
 
-from golden_cases import compute_all  # noqa: E402
+from golden_cases import compute_all, same  # noqa: E402
 
 if __name__ == "__main__":
     import argparse
@@ -42,9 +42,7 @@ if __name__ == "__main__":
     out = compute_all()
     if args.platform:
         golden = torch.load(HERE / "golden.pt", weights_only=False)
-        same = {k for k, v in out.items() if isinstance(v, torch.Tensor) and torch.equal(v, golden[k]) or
-                not isinstance(v, torch.Tensor) and v == golden[k]}
-        out = {k: v for k, v in out.items() if k not in same}
+        out = {k: v for k, v in out.items() if not same(v, golden[k])}
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
                      platform.machine())
