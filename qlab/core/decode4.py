@@ -10,6 +10,11 @@ along the last dim that divide it) and ``L`` is even, no group starts inside a b
     x_hat[2j+1] = (table[byte_j >> 4] - zero_point) * scale
 
 with the same float32 operations, in the same order, as the two-pass path: the same bits.
+
+The 4-bit lookup runs in C when the extension ``qlab.core._lut4`` is built (``pip install`` compiles it):
+AVX-512's 16-lane permute looks 16 codes up at once, which numba does not emit. Without it, the numba loop
+``_decode4`` runs, with the same bits. Both release the GIL and decode ranges of groups: on torch's threads
+(``qlab.core.threads``).
 """
 from __future__ import annotations
 
@@ -20,6 +25,14 @@ import torch
 from numba import njit
 
 from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
+from qlab.core.threads import run_split
+
+try:
+    from qlab.core import _lut4  # the C lookup (qlab/core/_lut4.c), absent when no compiler built it
+except ImportError:
+    _lut4 = None
+
+GRAIN = 1 << 16  # values per thread at least (qlab.core.threads.pieces)
 
 
 def run_length(gran, shape) -> int | None:
@@ -52,11 +65,12 @@ def _scaled(v, s, zp, mn, zero_point, minimum):
     return v * s
 
 
-@njit(cache=True, error_model="numpy")
-def _decode4(packed, table, L, scale, zero_point, minimum, out):
-    """``out[k]`` for every k: code k is nibble k & 1 of byte k >> 1 (low first), its group k // L (L even)."""
+@njit(cache=True, error_model="numpy", nogil=True)
+def _decode4(packed, table, L, scale, zero_point, minimum, out, g0, g1):
+    """``out[k]`` for every k of groups g0..g1-1: code k is nibble k & 1 of byte k >> 1 (low first), its group
+    k // L (L even)."""
     n = out.shape[0]
-    for g in range(scale.shape[0]):
+    for g in range(g0, g1):
         s = scale[g]
         zp = zero_point[g] if zero_point is not None else np.float32(0)
         mn = minimum[g] if minimum is not None else np.float32(0)
@@ -70,11 +84,12 @@ def _decode4(packed, table, L, scale, zero_point, minimum, out):
             out[stop - 1] = _scaled(table[packed[stop >> 1] & 15], s, zp, mn, zero_point, minimum)
 
 
-@njit(cache=True, error_model="numpy")
-def _decode8(codes, qmin, L, scale, zero_point, minimum, out):
-    """``out[k]`` for every k: grid value code_k + qmin (an integer, exact in float32), its group k // L."""
+@njit(cache=True, error_model="numpy", nogil=True)
+def _decode8(codes, qmin, L, scale, zero_point, minimum, out, g0, g1):
+    """``out[k]`` for every k of groups g0..g1-1: grid value code_k + qmin (an integer, exact in float32), its
+    group k // L."""
     n = out.shape[0]
-    for g in range(scale.shape[0]):
+    for g in range(g0, g1):
         s = scale[g]
         zp = zero_point[g] if zero_point is not None else np.float32(0)
         mn = minimum[g] if minimum is not None else np.float32(0)
@@ -98,7 +113,12 @@ def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: to
     # numpy's allocator asks the kernel for huge pages (madvise) for arrays of 4 MB and more, torch's does not:
     # at 4096 x 4096 (64 MB) first touching the fresh output costs ~10 ms instead of ~25 ms (512 faults, not 16k)
     out = np.empty(n, dtype=np.float32)
-    _decode4(packed.contiguous().numpy(), _numpy(table), L, _numpy(scale), _numpy(zero_point), _numpy(minimum), out)
+    p, t, s, zp, mn = packed.contiguous().numpy(), _numpy(table), _numpy(scale), _numpy(zero_point), _numpy(minimum)
+    if _lut4 is not None:
+        work = lambda g0, g1: _lut4.decode(p, n, t, L, s, zp, mn, out, g0, g1)  # noqa: E731
+    else:
+        work = lambda g0, g1: _decode4(p, t, L, s, zp, mn, out, g0, g1)  # noqa: E731
+    run_split(work, -(-n // L), GRAIN // L)
     return torch.from_numpy(out)
 
 
@@ -108,6 +128,7 @@ def decode8(codes: torch.Tensor, qmin: int, L: int, scale: torch.Tensor, zero_po
     scaled as decode4 scales: every ``L`` consecutive ones share an entry of ``scale`` (and ``zero_point`` or
     ``minimum``). One pass; torch's int8 -> float32 conversion alone takes longer (~0.3 ns a value, unvectorised)."""
     out = np.empty(codes.numel(), dtype=np.float32)  # numpy's allocation: huge pages for large outputs (decode4)
-    _decode8(codes.reshape(-1).contiguous().numpy(), np.int32(qmin), L, _numpy(scale), _numpy(zero_point),
-             _numpy(minimum), out)
+    args = (codes.reshape(-1).contiguous().numpy(), np.int32(qmin), L, _numpy(scale), _numpy(zero_point),
+            _numpy(minimum), out)
+    run_split(lambda g0, g1: _decode8(*args, g0, g1), -(-out.shape[0] // L), GRAIN // L)
     return torch.from_numpy(out)

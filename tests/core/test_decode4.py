@@ -1,7 +1,12 @@
-"""The one-pass 4-bit and 8-bit decoders give the two-pass path's bits (values() looked up, then scaled per group)."""
+"""The one-pass 4-bit and 8-bit decoders give the two-pass path's bits (values() looked up, then scaled per group):
+the 4-bit one in C (qlab/core/_lut4.c, AVX-512 permutes) and in numba, on one and two threads."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
+import qlab.core.decode4 as decode4_module
 from qlab import quantize
 from qlab.core import scales as _scales
 from qlab.core.decode4 import decode4, decode8, run_length
@@ -17,6 +22,18 @@ def two_pass(qt):
     return qt.spec.granularity.from_groups(x_hat, qt.shape).to(qt.dtype)
 
 
+@pytest.fixture(params=["C", "numba"])
+def lookup(request, monkeypatch):
+    """Run the test with the C lookup, then with the numba loop (the C one switched off)."""
+    if request.param == "C" and decode4_module._lut4 is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build qlab.core._lut4 (pip install -e . with a C compiler)")
+        pytest.skip("qlab.core._lut4 is not built (no C compiler at install): decode4 uses its numba loop")
+    if request.param == "numba":
+        monkeypatch.setattr(decode4_module, "_lut4", None)
+    return request.param
+
+
 SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax", "int4-g32-asym-minmax-fmin",
          "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16",
          # decode8: signed grids (restricted and full), unsigned with zero points or float minima
@@ -26,7 +43,7 @@ SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", [(8, 64), (5, 96), (3, 7, 32), (13, 10), (7, 9), (1, 2)])
-def test_one_pass_equals_two_pass_bit_for_bit(spec, shape):
+def test_one_pass_equals_two_pass_bit_for_bit(spec, shape, lookup):
     gen = torch.Generator().manual_seed(sum(shape) + len(spec))
     W = torch.randn(shape, generator=gen) * 3
     W.reshape(-1)[: min(W.numel(), 64)] = 0  # an all-zero group (scale 0) at the start
@@ -40,7 +57,7 @@ def test_one_pass_equals_two_pass_bit_for_bit(spec, shape):
 
 @pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads):
+def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, lookup):
     # 3 x 16,389 values, an odd count (the last byte holds one code); one and two torch threads give the same bits
     W = torch.randn(3, (1 << 14) + 5, generator=torch.Generator().manual_seed(5))
     qt = quantize(W, spec)
@@ -51,6 +68,48 @@ def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(x_hat.view(torch.int32), two_pass(qt).view(torch.int32))
+
+
+@pytest.mark.parametrize("mode", ["scale", "zero_point", "minimum"])
+def test_c_lookup_equals_numba_on_every_code_and_odd_lengths(mode, lookup):
+    # every byte value in every group, groups of 2..96 values, counts ending inside a group and inside a byte,
+    # scales across magnitudes (subnormal products included)
+    rng = np.random.default_rng(7)
+    table = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
+    for L in (2, 30, 32, 64, 96):
+        for n in (1, L - 1, L, 3 * L + 1, 257 * L - 3):
+            if n <= 0:
+                continue
+            packed = torch.from_numpy(np.resize(np.arange(256, dtype=np.uint8), (n + 1) // 2).copy())
+            G = -(-n // L)
+            scale = torch.from_numpy((10.0 ** rng.uniform(-40, 30, G)).astype(np.float32))
+            extra = {mode: torch.from_numpy(rng.standard_normal(G).astype(np.float32))} if mode != "scale" else {}
+            got = decode4_module.decode4(packed, n, table, L, scale, **extra)
+            codes = torch.stack([packed & 15, packed >> 4], 1).reshape(-1)[:n].long()
+            v, s = table[codes], scale.repeat_interleave(L)[:n]
+            zp_or_min = extra[mode].repeat_interleave(L)[:n] if extra else None
+            want = v * s + zp_or_min if mode == "minimum" else (v - zp_or_min) * s if mode == "zero_point" else v * s
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (L, n)
+
+
+def test_c_lookup_refuses_bad_arguments():
+    if decode4_module._lut4 is None:
+        pytest.skip("qlab.core._lut4 is not built")
+    decode = decode4_module._lut4.decode
+    packed, table, out = np.zeros(4, np.uint8), np.zeros(16, np.float32), np.zeros(8, np.float32)
+    scale = np.ones(4, np.float32)
+    decode(packed, 8, table, 2, scale, None, None, out, 0, 4)
+    with pytest.raises(ValueError, match="even L"):
+        decode(packed, 8, table, 3, scale, None, None, out, 0, 3)
+    with pytest.raises(ValueError, match="g1=5"):
+        decode(packed, 8, table, 2, scale, None, None, out, 0, 5)
+    with pytest.raises(ValueError, match="table must be a contiguous float32 array of at least 16"):
+        decode(packed, 8, table[:8], 2, scale, None, None, out, 0, 4)
+    with pytest.raises(ValueError, match="scale must be"):
+        decode(packed, 8, table, 2, scale.astype(np.float64), None, None, out, 0, 4)
+    with pytest.raises(ValueError, match="out must be"):
+        decode(np.zeros(5, np.uint8), 9, table, 2, np.ones(5, np.float32), None, None, out, 0, 5)
+
 
 def test_run_lengths_of_each_granularity():
     assert run_length(PerBlock(64), (5, 13)) == 64
@@ -64,7 +123,7 @@ def test_run_lengths_of_each_granularity():
     assert run_length(PerChannel(0), (0, 13)) is None and run_length(PerTensor(), ()) is None
 
 
-def test_decoder_by_hand():
+def test_decoder_by_hand(lookup):
     # codes 0..3 (low nibble first), a table q -> q/2, L = 2: groups (0, 1) and (2, 3)
     packed = torch.tensor([0x10, 0x32], dtype=torch.uint8)
     table = torch.arange(16, dtype=torch.float32) / 2

@@ -109,3 +109,18 @@ def test_e4m3_codes_are_the_clamped_torch_cast_bit_for_bit(gen):
     scale = torch.rand(64, generator=gen) * 0.01 + 1e-4
     assert torch.equal(e4m3_codes(G, scale),
                        (G / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_e4m3_codes_split_mid_row_on_two_threads(gen, threads):
+    # 3 rows of 50,001: two threads split the 150,003 values inside the second row
+    from qlab.core.formats.floating import e4m3_codes
+    G = torch.randn(3, 50_001, generator=gen) * 100
+    scale = torch.tensor([0.5, 1.0, 3.0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = e4m3_codes(G, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(ours, (G / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
