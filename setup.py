@@ -1,9 +1,12 @@
 """The one compiled extension; everything else is in pyproject.toml.
 
-qlab/core/_lut4.c is decode4's 4-bit table lookup with AVX-512 permutes. It is optional: without a C compiler
-the install goes on, and qlab.core.decode4 runs its numba loop, which gives the same bits.
+qlab/core/_cpu.c holds three CPU loops in C (the 4-bit and 8-bit decoders, the E4M3 encoder) on torch's OpenMP
+threads. It is optional: without a C compiler the install goes on, and qlab runs the numba loops, which give the
+same bits on one thread.
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("qlab.core._lut4", ["qlab/core/_lut4.c"], optional=True,
-                             extra_compile_args=["-O2", "-ffp-contract=off"])])  # no fused multiply-adds: decode4's bits
+setup(ext_modules=[Extension("qlab.core._cpu", ["qlab/core/_cpu.c"], optional=True,
+                             # no fused multiply-adds (the numba loops' bits); OpenMP: torch's libgomp at run time
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
+                             extra_link_args=["-fopenmp"])])

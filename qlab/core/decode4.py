@@ -11,10 +11,9 @@ along the last dim that divide it) and ``L`` is even, no group starts inside a b
 
 with the same float32 operations, in the same order, as the two-pass path: the same bits.
 
-The 4-bit lookup runs in C when the extension ``qlab.core._lut4`` is built (``pip install`` compiles it):
-AVX-512's 16-lane permute looks 16 codes up at once, which numba does not emit. Without it, the numba loop
-``_decode4`` runs, with the same bits. Both release the GIL and decode ranges of groups: on torch's threads
-(``qlab.core.threads``).
+Both loops run in C on torch's threads when the extension ``qlab.core._cpu`` is built (``pip install``
+compiles it): there AVX-512's 16-lane permute looks 16 codes up at once, an instruction numba does not emit.
+Without it, the numba loops below run on one thread, with the same bits.
 """
 from __future__ import annotations
 
@@ -25,14 +24,11 @@ import torch
 from numba import njit
 
 from qlab.core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
-from qlab.core.threads import run_split
 
 try:
-    from qlab.core import _lut4  # the C lookup (qlab/core/_lut4.c), absent when no compiler built it
+    from qlab.core import _cpu  # qlab/core/_cpu.c, absent when no C compiler built it
 except ImportError:
-    _lut4 = None
-
-GRAIN = 1 << 16  # values per thread at least (qlab.core.threads.pieces)
+    _cpu = None
 
 
 def run_length(gran, shape) -> int | None:
@@ -65,12 +61,11 @@ def _scaled(v, s, zp, mn, zero_point, minimum):
     return v * s
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _decode4(packed, table, L, scale, zero_point, minimum, out, g0, g1):
-    """``out[k]`` for every k of groups g0..g1-1: code k is nibble k & 1 of byte k >> 1 (low first), its group
-    k // L (L even)."""
+@njit(cache=True, error_model="numpy")
+def _decode4(packed, table, L, scale, zero_point, minimum, out):
+    """``out[k]`` for every k: code k is nibble k & 1 of byte k >> 1 (low first), its group k // L (L even)."""
     n = out.shape[0]
-    for g in range(g0, g1):
+    for g in range(scale.shape[0]):
         s = scale[g]
         zp = zero_point[g] if zero_point is not None else np.float32(0)
         mn = minimum[g] if minimum is not None else np.float32(0)
@@ -84,12 +79,11 @@ def _decode4(packed, table, L, scale, zero_point, minimum, out, g0, g1):
             out[stop - 1] = _scaled(table[packed[stop >> 1] & 15], s, zp, mn, zero_point, minimum)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _decode8(codes, qmin, L, scale, zero_point, minimum, out, g0, g1):
-    """``out[k]`` for every k of groups g0..g1-1: grid value code_k + qmin (an integer, exact in float32), its
-    group k // L."""
+@njit(cache=True, error_model="numpy")
+def _decode8(codes, qmin, L, scale, zero_point, minimum, out):
+    """``out[k]`` for every k: grid value code_k + qmin (an integer, exact in float32), its group k // L."""
     n = out.shape[0]
-    for g in range(g0, g1):
+    for g in range(scale.shape[0]):
         s = scale[g]
         zp = zero_point[g] if zero_point is not None else np.float32(0)
         mn = minimum[g] if minimum is not None else np.float32(0)
@@ -97,6 +91,19 @@ def _decode8(codes, qmin, L, scale, zero_point, minimum, out, g0, g1):
         cb, ob = codes[start:stop], out[start:stop]
         for j in range(cb.shape[0]):
             ob[j] = _scaled(np.float32(np.int32(cb[j]) + qmin), s, zp, mn, zero_point, minimum)
+
+
+def _empty(n: int) -> np.ndarray:
+    """An uninitialised float32 output of n values starting on a 64-byte boundary (a cache line: unaligned
+    512-bit stores each touch two lines; 0.23 against 0.14 ms for the real (576, 1536) layer).
+    Below 4 MB from torch's allocator (64-byte aligned; it hands back recently freed memory, still in cache);
+    from 4 MB on from numpy's, which asks the kernel for huge pages (madvise): at 4096 x 4096 (64 MB) first
+    touching the fresh output costs ~10 ms instead of ~25 ms (512 faults, not 16k)."""
+    if n * 4 < 4 << 20:
+        return torch.empty(n).numpy()
+    base = np.empty(n + 16, dtype=np.float32)
+    start = (-base.ctypes.data % 64) // 4
+    return base[start:start + n]
 
 
 def _numpy(t):
@@ -110,15 +117,12 @@ def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: to
     if L % 2:
         raise ValueError(f"decode4 needs an even run length L (no group may start inside a byte), got {L}; "
                          f"use the two-pass path (values() then dequantize_groups)")
-    # numpy's allocator asks the kernel for huge pages (madvise) for arrays of 4 MB and more, torch's does not:
-    # at 4096 x 4096 (64 MB) first touching the fresh output costs ~10 ms instead of ~25 ms (512 faults, not 16k)
-    out = np.empty(n, dtype=np.float32)
+    out = _empty(n)
     p, t, s, zp, mn = packed.contiguous().numpy(), _numpy(table), _numpy(scale), _numpy(zero_point), _numpy(minimum)
-    if _lut4 is not None:
-        work = lambda g0, g1: _lut4.decode(p, n, t, L, s, zp, mn, out, g0, g1)  # noqa: E731
+    if _cpu is not None:
+        _cpu.decode4(p, n, t, L, s, zp, mn, out, torch.get_num_threads())
     else:
-        work = lambda g0, g1: _decode4(p, t, L, s, zp, mn, out, g0, g1)  # noqa: E731
-    run_split(work, -(-n // L), GRAIN // L)
+        _decode4(p, t, L, s, zp, mn, out)
     return torch.from_numpy(out)
 
 
@@ -127,8 +131,10 @@ def decode8(codes: torch.Tensor, qmin: int, L: int, scale: torch.Tensor, zero_po
     """The values of an integer grid's 8-bit codes (uint8, one per value, value = code + qmin), flat float32,
     scaled as decode4 scales: every ``L`` consecutive ones share an entry of ``scale`` (and ``zero_point`` or
     ``minimum``). One pass; torch's int8 -> float32 conversion alone takes longer (~0.3 ns a value, unvectorised)."""
-    out = np.empty(codes.numel(), dtype=np.float32)  # numpy's allocation: huge pages for large outputs (decode4)
-    args = (codes.reshape(-1).contiguous().numpy(), np.int32(qmin), L, _numpy(scale), _numpy(zero_point),
-            _numpy(minimum), out)
-    run_split(lambda g0, g1: _decode8(*args, g0, g1), -(-out.shape[0] // L), GRAIN // L)
+    out = _empty(codes.numel())
+    c, s, zp, mn = codes.reshape(-1).contiguous().numpy(), _numpy(scale), _numpy(zero_point), _numpy(minimum)
+    if _cpu is not None:
+        _cpu.decode8(c, out.shape[0], qmin, L, s, zp, mn, out, torch.get_num_threads())
+    else:
+        _decode8(c, np.int32(qmin), L, s, zp, mn, out)
     return torch.from_numpy(out)

@@ -1,5 +1,5 @@
 """The one-pass 4-bit and 8-bit decoders give the two-pass path's bits (values() looked up, then scaled per group):
-the 4-bit one in C (qlab/core/_lut4.c, AVX-512 permutes) and in numba, on one and two threads."""
+both in C (qlab/core/_cpu.c: AVX-512 permutes for 4 bits, on one and two threads) and in numba."""
 import os
 
 import numpy as np
@@ -24,13 +24,13 @@ def two_pass(qt):
 
 @pytest.fixture(params=["C", "numba"])
 def lookup(request, monkeypatch):
-    """Run the test with the C lookup, then with the numba loop (the C one switched off)."""
-    if request.param == "C" and decode4_module._lut4 is None:
+    """Run the test with the C loops, then with the numba ones (the C module switched off)."""
+    if request.param == "C" and decode4_module._cpu is None:
         if os.environ.get("CI"):
-            pytest.fail("CI must build qlab.core._lut4 (pip install -e . with a C compiler)")
-        pytest.skip("qlab.core._lut4 is not built (no C compiler at install): decode4 uses its numba loop")
+            pytest.fail("CI must build qlab.core._cpu (pip install -e . with a C compiler)")
+        pytest.skip("qlab.core._cpu is not built (no C compiler at install): decode4 uses its numba loop")
     if request.param == "numba":
-        monkeypatch.setattr(decode4_module, "_lut4", None)
+        monkeypatch.setattr(decode4_module, "_cpu", None)
     return request.param
 
 
@@ -71,7 +71,7 @@ def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, lookup):
 
 
 @pytest.mark.parametrize("mode", ["scale", "zero_point", "minimum"])
-def test_c_lookup_equals_numba_on_every_code_and_odd_lengths(mode, lookup):
+def test_decode4_on_every_byte_value_and_odd_lengths(mode, lookup):
     # every byte value in every group, groups of 2..96 values, counts ending inside a group and inside a byte,
     # scales across magnitudes (subnormal products included)
     rng = np.random.default_rng(7)
@@ -92,23 +92,28 @@ def test_c_lookup_equals_numba_on_every_code_and_odd_lengths(mode, lookup):
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (L, n)
 
 
-def test_c_lookup_refuses_bad_arguments():
-    if decode4_module._lut4 is None:
-        pytest.skip("qlab.core._lut4 is not built")
-    decode = decode4_module._lut4.decode
+def test_c_loops_refuse_bad_arguments():
+    if decode4_module._cpu is None:
+        pytest.skip("qlab.core._cpu is not built")
+    decode4, decode8 = decode4_module._cpu.decode4, decode4_module._cpu.decode8
     packed, table, out = np.zeros(4, np.uint8), np.zeros(16, np.float32), np.zeros(8, np.float32)
     scale = np.ones(4, np.float32)
-    decode(packed, 8, table, 2, scale, None, None, out, 0, 4)
-    with pytest.raises(ValueError, match="even L"):
-        decode(packed, 8, table, 3, scale, None, None, out, 0, 3)
-    with pytest.raises(ValueError, match="g1=5"):
-        decode(packed, 8, table, 2, scale, None, None, out, 0, 5)
+    decode4(packed, 8, table, 2, scale, None, None, out, 1)
+    decode8(np.zeros(8, np.uint8), 8, -127, 2, scale, None, None, out, 2)
+    with pytest.raises(ValueError, match="L > 0 and even"):
+        decode4(packed, 8, table, 3, scale, None, None, out, 1)
+    with pytest.raises(ValueError, match="threads >= 1"):
+        decode8(packed, 4, 0, 1, scale, None, None, out, 0)
     with pytest.raises(ValueError, match="table must be a contiguous float32 array of at least 16"):
-        decode(packed, 8, table[:8], 2, scale, None, None, out, 0, 4)
-    with pytest.raises(ValueError, match="scale must be"):
-        decode(packed, 8, table, 2, scale.astype(np.float64), None, None, out, 0, 4)
-    with pytest.raises(ValueError, match="out must be"):
-        decode(np.zeros(5, np.uint8), 9, table, 2, np.ones(5, np.float32), None, None, out, 0, 5)
+        decode4(packed, 8, table[:8], 2, scale, None, None, out, 1)
+    with pytest.raises(ValueError, match="scale must be a contiguous float32 array of at least 4"):
+        decode4(packed, 8, table, 2, scale.astype(np.float64), None, None, out, 1)
+    with pytest.raises(ValueError, match="codes must be a contiguous uint8 array of at least 5"):
+        decode4(packed, 9, table, 2, np.ones(5, np.float32), None, None, out, 1)
+    with pytest.raises(ValueError, match="out must be a contiguous float32 array of at least 9"):
+        decode4(np.zeros(5, np.uint8), 9, table, 2, np.ones(5, np.float32), None, None, out, 1)
+    with pytest.raises(ValueError, match="zero_point must be"):
+        decode8(packed, 4, 0, 2, scale, np.ones(1, np.float32), None, out, 1)
 
 
 def test_run_lengths_of_each_granularity():
@@ -145,7 +150,7 @@ def test_autograd_through_the_scales_keeps_the_torch_path():
         assert torch.equal(qt.dequantize(), x_hat.detach())
 
 
-def test_decoder8_by_hand():
+def test_decoder8_by_hand(lookup):
     # codes 0, 1, 254, 255 of a grid whose code 0 is -127: values -127, -126, 127, 128; L = 2
     codes = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
     scale = torch.tensor([2.0, 0.5])

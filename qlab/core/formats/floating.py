@@ -26,7 +26,10 @@ from numba import njit
 import numpy as np
 import torch
 
-from qlab.core.threads import run_split
+try:
+    from qlab.core import _cpu  # qlab/core/_cpu.c (e4m3_codes), absent when no C compiler built it
+except ImportError:
+    _cpu = None
 
 # Grids torch has a dtype for: rounding and encoding are its cast (round to nearest even, bit for bit the
 # arithmetic below: tests/core/formats/test_floating.py checks the two agree), 10-30x faster.
@@ -52,23 +55,25 @@ def _e4m3_run(x, s, out):
         out[j] = code | ((w >> 24) & 0x80)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _e4m3_codes(G, scale, out, start, stop):
-    """``out[g, j]`` = the E4M3 code of G[g, j] / scale[g] (``_e4m3_run``) for the flat indices start..stop-1
-    of G, row slice by row slice (a loop over a contiguous slice vectorises)."""
-    L = G.shape[1]
-    for g in range(start // L, -(-stop // L)):
-        a, b = max(start - g * L, 0), min(stop - g * L, L)
-        _e4m3_run(G[g, a:b], scale[g], out[g, a:b])
+@njit(cache=True, error_model="numpy")
+def _e4m3_codes(G, scale, out):
+    """``out[g, j]`` = the E4M3 code of G[g, j] / scale[g] (``_e4m3_run``), row by row (a loop over a row's
+    slice vectorises; numba's parallel loops are not used: their OpenMP layer slows torch's own threads)."""
+    for g in range(G.shape[0]):
+        _e4m3_run(G[g], scale[g], out[g])
 
 
 def e4m3_codes(G: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The E4M3 codes (uint8) of G / scale[:, None] for float32 groups G [n_groups, len] on the CPU: what
     ``FloatGrid('fp8_e4m3').encode_nearest(G / scale[:, None])`` gives, in one pass and no float temporary
-    (torch's divide, then its cast: ~3x the time at 576 x 1536), on torch's threads (``qlab.core.threads``)."""
+    (torch's divide, then its cast: ~3x the time at 576 x 1536); in C on torch's threads when qlab.core._cpu
+    is built."""
     out = np.empty(tuple(G.shape), dtype=np.uint8)
     G_, scale_ = G.detach().contiguous().numpy(), scale.detach().float().contiguous().numpy()
-    run_split(lambda start, stop: _e4m3_codes(G_, scale_, out, start, stop), out.size, 1 << 16)
+    if _cpu is not None:  # the same loop in C, on torch's threads
+        _cpu.e4m3_codes(G_, G_.shape[1], scale_, out, torch.get_num_threads())
+    else:
+        _e4m3_codes(G_, scale_, out)
     return torch.from_numpy(out)
 
 
