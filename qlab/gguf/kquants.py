@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qlab.gguf.blocks import BlockFormat, register, f16_bytes, f16_round, read_f16, QK_K
+from qlab.gguf.blocks import BlockFormat, register, f16_bytes, f16_field, f16_round, read_f16, QK_K
 from qlab.gguf.search import (F32, GROUP_MAX_EPS, nearest_int, seqsum, signed_extreme,
                               make_qx_quants, make_q3_quants, make_qkx_quants, make_qp_quants)
 
@@ -85,15 +85,6 @@ def _pack_scale_min_k4(ls, lm):
     mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
     return np.concatenate([lo, mid, hi], axis=1)
-
-
-def _pack_scales_q3(l6):
-    """16 six-bit values -> 12 bytes: low nibbles in bytes 0..7, top 2 bits in bytes 8..11."""
-    l6 = l6.astype(np.uint8)
-    low = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
-    top = (l6 >> 4).reshape(-1, 4, 4)                      # [B, j//4, j%4]
-    high = (top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6))
-    return np.concatenate([low, high], axis=1)
 
 
 def _superblock_sigma2(x, factor):
@@ -238,6 +229,44 @@ class Q2_K(BlockFormat):
 
 
 # ---------------------------------------------------------------- Q3_K
+@njit(cache=True, error_model="numpy")
+def _q3_k_pack(x, dq, l6, L, out):
+    """Levels from the stored scales, x / (dq·(l6 - 32)) rounded and clipped to -4..3 (sub-blocks whose
+    scale is 0 keep the search's levels, as the C does), packed into ``out [B, 110]``: hmask (bit p of byte l:
+    value 32p + l is above 3), qs (the low 2 bits, _pack_2bit's layout), scales (12 bytes, below).
+    The fp16 d (bytes 108, 109) is left to the caller. ``dq``: d after its fp16 store, as float32."""
+    q = np.empty(QK_K, np.int32)   # one super-block's levels 0..7 (int32: a float -> uint8 cast does not vectorise)
+    for b in range(x.shape[0]):
+        blk, xb, Lb = out[b], x[b], L[b]
+        for j in range(16):
+            sub_d = dq[b] * F32(l6[b, j] - F32(32))
+            if sub_d != 0:
+                for i in range(16 * j, 16 * j + 16):
+                    q[i] = np.int32(min(max(np.rint(xb[i] / sub_d), F32(-4)), F32(3))) + 4
+            else:
+                for i in range(16 * j, 16 * j + 16):
+                    q[i] = np.int32(Lb[i])
+        for l in range(32):
+            hm = 0
+            for p in range(8):
+                hm |= (q[32 * p + l] >> 2) << p          # hmask: bit p of byte l is q[32p + l] > 3
+            blk[l] = hm
+        for h in range(2):
+            for l in range(32):
+                byte = 0
+                for j in range(4):
+                    byte |= (q[128 * h + 32 * j + l] & 3) << (2 * j)   # qs: value 128h + 32j + l at bits 2j
+                blk[32 + 32 * h + l] = byte
+        # the 16 six-bit scales: low nibbles in bytes 0..7 (j, then j + 8 in the high nibble), the top 2 bits
+        # of scale j at bits 2·(j // 4) of byte 8 + j % 4
+        for j in range(8):
+            blk[96 + j] = (np.uint8(l6[b, j]) & 0xF) | ((np.uint8(l6[b, j + 8]) & 0xF) << 4)
+        for k in range(4):
+            top = 0
+            for g in range(4):
+                top |= (np.uint8(l6[b, 4 * g + k]) >> 4) << (2 * g)
+            blk[104 + k] = top
+
 
 @register
 class Q3_K(BlockFormat):
@@ -246,6 +275,7 @@ class Q3_K(BlockFormat):
 
     def quantize_blocks(self, x, qw, sigma2):
         B = x.shape[0]
+        x = np.ascontiguousarray(x, dtype=F32)
         xs = x.reshape(B * 16, 16)
         if qw is None:
             scales, L = make_q3_quants(xs, 4)
@@ -255,19 +285,17 @@ class Q3_K(BlockFormat):
                 iscale = F32(-32) / max_scale
                 l6 = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
                 d = F32(1) / iscale
-            l6 = np.where((max_scale != 0)[:, None], l6, 0)
+            l6 = np.where((max_scale != 0)[:, None], l6, F32(0))
             d = np.where(max_scale != 0, d, F32(0)).astype(F32)
         else:
             s2 = _superblock_sigma2(x, 2)
             w = (qw * np.sqrt(s2[:, None] + x * x)).astype(F32).reshape(B * 16, 16)
             scales, L = make_qx_quants(xs, 4, w)
             d, l6 = make_qx_quants(scales.reshape(B, 16), 32, seqsum(w).reshape(B, 16))
-        sc_bytes = _pack_scales_q3(l6.astype(np.int64))
-        sub_d = (f16_round(d)[:, None] * (l6 - 32).astype(F32)).astype(F32)
-        L = _requantize(x.reshape(B, 16, 16), sub_d, np.zeros_like(sub_d), 7, L.reshape(B, 16, 16), offset=4)
-        L = L.reshape(B, QK_K).astype(np.uint8)   # levels 0..7
-        high = L > 3
-        return np.concatenate([_pack_bitplane(high, 8), _pack_2bit(L & 3), sc_bytes, f16_bytes(d)], axis=1)
+        out = np.empty((B, self.type_size), np.uint8)
+        _q3_k_pack(x, f16_round(d), l6, L.reshape(B, QK_K), out)
+        f16_field(out, 108)[:] = d
+        return out
 
     def dequantize_blocks(self, data):
         out = np.empty((data.shape[0], QK_K), F32)

@@ -3,8 +3,8 @@
 llama.cpp (``ggml/src/ggml-quants.c``) picks the scale of each small block with one of five
 searches. Each is written here as the C loop over one block (numba ``@njit``, compiled once and
 cached on disk), driven over every block of the tensor: every argument is a float32 array ``[B, n]``
-(B blocks of n values). make_qx_quants and make_qkx_quants, the two long searches, run 16 blocks
-side by side (``LANES``), each in its own C order.
+(B blocks of n values). make_qx_quants, make_q3_quants and make_qkx_quants run 16 blocks side by side
+(``LANES``), each in its own C order.
 
 Why compiled loops rather than whole-array numpy: the searches walk (an accepted candidate changes
 the next one's grid, the coordinate descent moves one level at a time), and bytes equal to llama.cpp's
@@ -197,25 +197,51 @@ def _descend(xb, wb, Lb, sumlx, suml2, lo, hi, pre_check):
 
 @njit(cache=True, error_model="numpy")
 def _q3_loop(x, w, nmax, scale, L):
+    """make_q3_quants on LANES blocks at a time, position-major (as _qx_loop).
+
+    The descent is _descend's (pre_check False) with its nested ifs as one mask, so that the lanes stay in
+    vectors. It stops when a pass moves no level in any lane (5 passes at most): a lane that moved nothing in
+    a pass moves nothing in the next ones (same levels, same sums: the same tries), so the extra passes it
+    runs leave it as the C leaves it.
+    """
     n, fmax, lo, hi = x.shape[1], F32(nmax), F32(-nmax), F32(nmax - 1)
-    for b in range(x.shape[0]):
-        xb, wb, Lb = x[b], w[b], L[b]
-        amax, vmax = _signed_max(xb)
-        if amax < GROUP_MAX_EPS:
-            Lb[:] = 0
-            scale[b] = 0
-            continue
-        iscale = -fmax / vmax
-        sumlx, suml2 = F32(0), F32(0)
+    xt, wt, Lt = np.zeros((n, LANES), F32), np.zeros((n, LANES), F32), np.zeros((n, LANES), F32)
+    iscale, sumlx, suml2 = np.zeros(LANES, F32), np.zeros(LANES, F32), np.zeros(LANES, F32)
+    zero = np.zeros(LANES, np.bool_)
+    for b0 in range(0, x.shape[0], LANES):
+        m = _load_tile(x, w, b0, xt, wt)
+        for t in range(LANES):
+            amax, vmax = _signed_max(xt[:, t])
+            zero[t] = amax < GROUP_MAX_EPS                 # all zero: scale 0, levels 0
+            iscale[t] = F32(0) if zero[t] else -fmax / vmax
+            sumlx[t], suml2[t] = F32(0), F32(0)
         for i in range(n):
-            l = min(max(_rint(iscale * xb[i]), lo), hi)
-            Lb[i] = l
-            sumlx += wb[i] * xb[i] * l
-            suml2 += wb[i] * l * l
-        sumlx, suml2 = _descend(xb, wb, Lb, sumlx, suml2, lo, hi, False)
-        for i in range(n):
-            Lb[i] += fmax
-        scale[b] = sumlx / suml2 if suml2 > 0 else F32(0)
+            for t in range(LANES):
+                l = min(max(_rint(iscale[t] * xt[i, t]), lo), hi)
+                Lt[i, t] = l
+                sumlx[t] += wt[i, t] * xt[i, t] * l
+                suml2[t] += wt[i, t] * l * l
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                for t in range(LANES):
+                    wx, l = wt[i, t] * xt[i, t], Lt[i, t]
+                    slx = sumlx[t] - wx * l                # the sums without value i
+                    sl2 = suml2[t] - wt[i, t] * l * l
+                    new = min(max(_rint(xt[i, t] * sl2 / slx), lo), hi)
+                    slx_new, sl2_new = slx + wx * new, sl2 + wt[i, t] * new * new
+                    take = ((slx > 0) & (new != l) & (sl2_new > 0)
+                            & (slx_new * slx_new * suml2[t] > sumlx[t] * sumlx[t] * sl2_new))
+                    Lt[i, t] = new if take else l
+                    sumlx[t] = slx_new if take else sumlx[t]
+                    suml2[t] = sl2_new if take else suml2[t]
+                    changed |= take
+            if not changed:
+                break
+        for t in range(m):
+            scale[b0 + t] = F32(0) if zero[t] or not suml2[t] > 0 else sumlx[t] / suml2[t]
+            for i in range(n):
+                L[b0 + t, i] = F32(0) if zero[t] else Lt[i, t] + fmax
 
 
 @njit(cache=True, error_model="numpy")
