@@ -62,6 +62,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from qlab.core.atomic import write_json
+from qlab.eval.metrics import AUTOCAST
 from qlab.models.walker import quantize_model
 from qlab.models import EMBEDDED, REPO_ROOT
 
@@ -78,12 +79,18 @@ class EvalProtocol:
     pick: str = "spread"
     n_calibration: int = 8
     seed: int = 0
+    autocast: str | None = None  # "bf16": the evaluation's forward passes under bf16 autocast (qlab.eval.metrics)
+
+    def __post_init__(self):
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"EvalProtocol(autocast=...) must be one of {list(AUTOCAST)}, got {self.autocast!r}")
 
     def describe(self) -> str:
         where = "whole test split" if self.part == "all" else (
             f"{self.part} articles of WikiText-2 test (seed {self.seed}, {self.n_calibration} articles held out for calibration)"
         )
-        return f"{self.n_windows} non-overlapping windows of {self.seq_len} tokens ({self.pick}), {where}, no BOS"
+        cast = f", {self.autocast} autocast" if self.autocast else ""
+        return f"{self.n_windows} non-overlapping windows of {self.seq_len} tokens ({self.pick}), {where}, no BOS{cast}"
 
 
 def _config_text(config: dict, protocol: EvalProtocol) -> str:
@@ -92,6 +99,8 @@ def _config_text(config: dict, protocol: EvalProtocol) -> str:
     payload.setdefault("mode", "fake")
     payload.setdefault("model", EMBEDDED)  # so notebooks that name the default model share rows with those that don't
     payload["protocol"] = asdict(protocol)
+    if protocol.autocast is None:  # float32: the keys of the results computed before autocast existed
+        del payload["protocol"]["autocast"]
     return json.dumps(payload, sort_keys=True, default=str)
 
 
@@ -147,7 +156,8 @@ class _Session:
             model, tokenizer = self.model(name)
             p = self.protocol
             windows = wikitext2_windows(tokenizer, p.part, p.seq_len, p.n_windows, p.pick, p.n_calibration, p.seed)
-            self.refs[name] = reference_logprobs(model, windows, self.batch_size, progress=self.progress)
+            self.refs[name] = reference_logprobs(model, windows, self.batch_size, progress=self.progress,
+                                                 autocast=p.autocast)
         return self.refs[name]
 
 
@@ -226,7 +236,8 @@ def run_one(config: dict, session: _Session) -> dict:
     t0 = time.perf_counter()
     qmodel, size, recipe = _quantize(config, model, session)
     quant_seconds = time.perf_counter() - t0
-    metrics = evaluate(qmodel, ref.windows, ref, session.batch_size, progress=session.progress)
+    metrics = evaluate(qmodel, ref.windows, ref, session.batch_size, progress=session.progress,
+                       autocast=session.protocol.autocast)
     del qmodel
     return {
         "label": config.get("label", ""),

@@ -46,6 +46,37 @@ def test_kl_and_top1_by_hand():
 
 
 
+class LinearLM(torch.nn.Module):
+    """An embedding table and a linear head without bias: logits = E[ids] @ W^T."""
+
+    def __init__(self, vocab, dim, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.E = torch.nn.Parameter(torch.randn(vocab, dim, generator=g))
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight.data = torch.randn(vocab, dim, generator=g)
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.head(self.E[input_ids]))
+
+
+def test_bf16_autocast_runs_the_forward_matmuls_in_bf16():
+    lm = LinearLM(32, 16, 0)
+    windows = torch.randint(0, 32, (3, 20), generator=torch.Generator().manual_seed(1))
+
+    def ppl_of(logits):
+        nll = -F.log_softmax(logits[:, :-1].float(), -1).gather(-1, windows[:, 1:, None])
+        return math.exp(float(nll.mean()))
+
+    fp32 = evaluate(lm, windows, progress=False)["ppl"]
+    bf16 = evaluate(lm, windows, progress=False, autocast="bf16")["ppl"]
+    by_hand = ppl_of(lm.E[windows].bfloat16() @ lm.head.weight.bfloat16().T)  # the product in bf16, rounded to bf16
+    assert fp32 == pytest.approx(ppl_of(lm.E[windows] @ lm.head.weight.T), rel=1e-6)
+    assert bf16 == pytest.approx(by_hand, rel=1e-6) and bf16 != pytest.approx(fp32, rel=1e-4)
+    with pytest.raises(ValueError, match=r"autocast must be one of \[None, 'bf16'\], got 'fp8'"):
+        evaluate(lm, windows, progress=False, autocast="fp8")
+
+
 class RandomLM(torch.nn.Module):
     """Seeded random logits for every position (a different distribution at each one)."""
 

@@ -39,6 +39,26 @@ def test_config_key_ignores_label_but_not_recipe_or_protocol():
     assert sweep.config_key(a, PROTOCOL) == sweep.config_key({**a, "mode": "fake"}, PROTOCOL)
 
 
+def test_bf16_autocast_is_part_of_the_key_and_float32_keeps_the_keys_of_earlier_results():
+    config = {"recipe": {"model.layers.*": "int4-g128-asym-minmax"}}
+    assert sweep.config_key(config, PROTOCOL) == "00bad142e889"  # computed by qlab before autocast existed
+    cast = sweep.EvalProtocol(seq_len=32, n_windows=2, pick="first", autocast="bf16")
+    assert sweep.config_key(config, cast) != sweep.config_key(config, PROTOCOL)
+    assert cast.describe().endswith("no BOS, bf16 autocast") and PROTOCOL.describe().endswith("no BOS")
+    with pytest.raises(ValueError, match=r"autocast=...\) must be one of \[None, 'bf16'\], got 'fp16'"):
+        sweep.EvalProtocol(autocast="fp16")
+
+
+def test_a_bf16_autocast_sweep_has_its_own_rows(tmp_path):
+    configs = _configs()[:1]
+    cast = sweep.EvalProtocol(seq_len=32, n_windows=2, pick="first", autocast="bf16")
+    fp32 = sweep.run_sweep(configs, PROTOCOL, tmp_path, progress=False, load=_load)
+    bf16 = sweep.run_sweep(configs, cast, tmp_path, progress=False, load=_load)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one row each, neither read in place of the other
+    assert bf16.loc[0, "protocol"].endswith("bf16 autocast") and not fp32.loc[0, "protocol"].endswith("autocast")
+    assert bf16.loc[0, "ppl_ref"] != fp32.loc[0, "ppl_ref"]  # the reference is scored under autocast too
+
+
 def test_config_key_is_shared_between_notebooks_that_do_and_do_not_name_the_embedded_model():
     """05 names the model, 08 and 09 do not: the same RTN configuration must be one row of results/sweep."""
     from qlab.models import EMBEDDED
