@@ -8,5 +8,5 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("qlab.core._cpu", ["qlab/core/_cpu.c"], optional=True,
                              # no fused multiply-adds (the numba loops' bits); OpenMP: torch's libgomp at run time
-                             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp", "-mprefer-vector-width=512"],
                              extra_link_args=["-fopenmp"])])

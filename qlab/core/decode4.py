@@ -80,8 +80,8 @@ def _decode4(packed, table, L, scale, zero_point, minimum, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _decode8(codes, qmin, L, scale, zero_point, minimum, out):
-    """``out[k]`` for every k: grid value code_k + qmin (an integer, exact in float32), its group k // L."""
+def _decode8(codes, table, L, scale, zero_point, minimum, out):
+    """``out[k]`` for every k: grid value table[code_k], its group k // L."""
     n = out.shape[0]
     for g in range(scale.shape[0]):
         s = scale[g]
@@ -90,7 +90,7 @@ def _decode8(codes, qmin, L, scale, zero_point, minimum, out):
         start, stop = g * L, min(n, (g + 1) * L)
         cb, ob = codes[start:stop], out[start:stop]
         for j in range(cb.shape[0]):
-            ob[j] = _scaled(np.float32(np.int32(cb[j]) + qmin), s, zp, mn, zero_point, minimum)
+            ob[j] = _scaled(table[cb[j]], s, zp, mn, zero_point, minimum)
 
 
 def _empty(n: int) -> np.ndarray:
@@ -107,7 +107,10 @@ def _empty(n: int) -> np.ndarray:
 
 
 def _numpy(t):
-    return None if t is None else t.detach().reshape(-1).float().contiguous().numpy()
+    """t as a flat, contiguous float32 numpy array (a view when it is one already), or None."""
+    if t is None:
+        return None
+    return np.ascontiguousarray(t.detach().numpy() if t.dtype == torch.float32 else t.detach().float().numpy()).reshape(-1)
 
 
 def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: torch.Tensor,
@@ -126,15 +129,17 @@ def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: to
     return torch.from_numpy(out)
 
 
-def decode8(codes: torch.Tensor, qmin: int, L: int, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
-            minimum: torch.Tensor | None = None) -> torch.Tensor:
-    """The values of an integer grid's 8-bit codes (uint8, one per value, value = code + qmin), flat float32,
-    scaled as decode4 scales: every ``L`` consecutive ones share an entry of ``scale`` (and ``zero_point`` or
-    ``minimum``). One pass; torch's int8 -> float32 conversion alone takes longer (~0.3 ns a value, unvectorised)."""
-    out = _empty(codes.numel())
-    c, s, zp, mn = codes.reshape(-1).contiguous().numpy(), _numpy(scale), _numpy(zero_point), _numpy(minimum)
+def decode8(codes: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: torch.Tensor,
+            zero_point: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``n`` values of 8-bit codes (uint8, one per value), flat float32: ``table`` holds the grid's 256 values
+    (an integer grid's code + qmin, an FP8 format's floats), scaled as decode4 scales: every ``L`` consecutive ones
+    share an entry of ``scale`` (and ``zero_point`` or ``minimum``). One pass; torch's int8 -> float32 conversion
+    alone takes longer (~0.3 ns a value, unvectorised), and its FP8 -> float32 cast ~20x longer."""
+    out = _empty(n)
+    c, t, s = codes.reshape(-1).contiguous().numpy(), _numpy(table), _numpy(scale)
+    zp, mn = _numpy(zero_point), _numpy(minimum)
     if _cpu is not None:
-        _cpu.decode8(c, out.shape[0], qmin, L, s, zp, mn, out, torch.get_num_threads())
+        _cpu.decode8(c, n, t, L, s, zp, mn, out, torch.get_num_threads())
     else:
-        _decode8(c, np.int32(qmin), L, s, zp, mn, out)
+        _decode8(c, t, L, s, zp, mn, out)
     return torch.from_numpy(out)

@@ -27,7 +27,6 @@ import torch
 
 from qlab.core import scales as _scales
 from qlab.core.decode4 import decode4, decode8, run_length
-from qlab.core.formats import IntGrid
 from qlab.core.packing import pack, packed_nbytes, unpack
 from qlab.core.rotations import RandomizedHadamard, check_signs
 from qlab.core.spec import SCALE_DTYPES, QuantSpec
@@ -96,9 +95,9 @@ def _nibble_pairs(grid) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _grid_table(grid) -> torch.Tensor:
-    """The float32 values of a 4-bit grid's 16 codes."""
-    return grid.decode(torch.arange(16, dtype=torch.uint8)).float()
+def _grid_table(grid, bits: int) -> torch.Tensor:
+    """The float32 values of the 2^bits codes of a 4- or 8-bit grid (the decoders' lookup table)."""
+    return grid.decode(torch.arange(2**bits, dtype=torch.int32)).float()  # int32: an int grid's 255 is 255 + qmin
 
 
 @register_kind
@@ -150,16 +149,14 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         gran, grid, bits = self.spec.granularity, self.spec.grid, self.spec.bits
-        one_pass = self.packed.device.type == "cpu" and (bits == 4 or bits == 8 and isinstance(grid, IntGrid))
+        one_pass = self.packed.device.type == "cpu" and bits in (4, 8)
         L = run_length(gran, self.shape) if one_pass else None
         if L is not None and (bits == 8 or L % 2 == 0):  # one pass over the bytes, the same bits (unless autograd needs torch)
             scale = self.scales().reshape(-1)
             zp = None if self.zero_point is None else self.zero_point.reshape(-1)
             if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (scale, zp, self.minimum))):
-                if bits == 4:
-                    x_hat = decode4(self.packed, self.numel, _grid_table(grid), L, scale, zp, self.minimum)
-                else:
-                    x_hat = decode8(self.packed, grid.qmin, L, scale, zp, self.minimum)
+                decode = decode4 if bits == 4 else decode8
+                x_hat = decode(self.packed, self.numel, _grid_table(grid, bits), L, scale, zp, self.minimum)
                 return x_hat.reshape(self.shape).to(self.dtype)
         Q, _ = gran.to_groups(self.values())  # a fresh tensor (grids decode into new memory): scaled in place
         zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()

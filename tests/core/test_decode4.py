@@ -38,7 +38,9 @@ SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax
          "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16",
          # decode8: signed grids (restricted and full), unsigned with zero points or float minima
          "int8", "int8-full", "int8-tensor", "int8-g32-asym-minmax", "int8-g32-asym-minmax-fmin", "int8-token-asym-minmax",
-         "int8-g16-sbf16", "int8-b64-sfp32"]
+         "int8-g16-sbf16", "int8-b64-sfp32",
+         # decode8 through a 256-value table: FP8 formats (NaN codes included) and bitsandbytes' dynamic 8-bit code
+         "fp8_e4m3", "fp8_e5m2-channel", "fp8_e4m3-g32", "dynamic8-b64"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -55,7 +57,8 @@ def test_one_pass_equals_two_pass_bit_for_bit(spec, shape, lookup):
 
 
 
-@pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor"])
+@pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor",
+                                  "fp8_e4m3", "fp8_e5m2-b64"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, lookup):
     # 3 x 16,389 values, an odd count (the last byte holds one code); one and two torch threads give the same bits
@@ -99,11 +102,14 @@ def test_c_loops_refuse_bad_arguments():
     packed, table, out = np.zeros(4, np.uint8), np.zeros(16, np.float32), np.zeros(8, np.float32)
     scale = np.ones(4, np.float32)
     decode4(packed, 8, table, 2, scale, None, None, out, 1)
-    decode8(np.zeros(8, np.uint8), 8, -127, 2, scale, None, None, out, 2)
+    table8 = np.arange(256, dtype=np.float32) - 127
+    decode8(np.zeros(8, np.uint8), 8, table8, 2, scale, None, None, out, 2)
     with pytest.raises(ValueError, match="L > 0 and even"):
         decode4(packed, 8, table, 3, scale, None, None, out, 1)
     with pytest.raises(ValueError, match="threads >= 1"):
-        decode8(packed, 4, 0, 1, scale, None, None, out, 0)
+        decode8(packed, 4, table8, 1, scale, None, None, out, 0)
+    with pytest.raises(ValueError, match="table must be a contiguous float32 array of at least 256"):
+        decode8(packed, 4, table, 1, scale, None, None, out, 1)
     with pytest.raises(ValueError, match="table must be a contiguous float32 array of at least 16"):
         decode4(packed, 8, table[:8], 2, scale, None, None, out, 1)
     with pytest.raises(ValueError, match="scale must be a contiguous float32 array of at least 4"):
@@ -113,7 +119,7 @@ def test_c_loops_refuse_bad_arguments():
     with pytest.raises(ValueError, match="out must be a contiguous float32 array of at least 9"):
         decode4(np.zeros(5, np.uint8), 9, table, 2, np.ones(5, np.float32), None, None, out, 1)
     with pytest.raises(ValueError, match="zero_point must be"):
-        decode8(packed, 4, 0, 2, scale, np.ones(1, np.float32), None, out, 1)
+        decode8(packed, 4, table8, 2, scale, np.ones(1, np.float32), None, out, 1)
 
 
 def test_run_lengths_of_each_granularity():
@@ -154,6 +160,11 @@ def test_decoder8_by_hand(lookup):
     # codes 0, 1, 254, 255 of a grid whose code 0 is -127: values -127, -126, 127, 128; L = 2
     codes = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
     scale = torch.tensor([2.0, 0.5])
-    assert decode8(codes, -127, 2, scale).tolist() == [-254.0, -252.0, 63.5, 64.0]
-    assert decode8(codes, 0, 2, scale, zero_point=torch.tensor([1.0, 255.0])).tolist() == [-2.0, 0.0, -0.5, 0.0]
-    assert decode8(codes[:3], 0, 2, scale, minimum=torch.tensor([0.5, -1.0])).tolist() == [0.5, 2.5, 126.0]
+    signed, unsigned = torch.arange(256.0) - 127, torch.arange(256.0)
+    assert decode8(codes, 4, signed, 2, scale).tolist() == [-254.0, -252.0, 63.5, 64.0]
+    assert decode8(codes, 4, unsigned, 2, scale, zero_point=torch.tensor([1.0, 255.0])).tolist() == [-2.0, 0.0, -0.5, 0.0]
+    assert decode8(codes, 3, unsigned, 2, scale, minimum=torch.tensor([0.5, -1.0])).tolist() == [0.5, 2.5, 126.0]
+    # E4M3 codes 0x38 (1.0), 0x7E (448), 0xFF (NaN): the table's values times the scale
+    fp8 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    got = decode8(torch.tensor([0x38, 0x7E, 0xFF], dtype=torch.uint8), 3, fp8, 3, torch.tensor([0.5]))
+    assert got[:2].tolist() == [0.5, 224.0] and got[2].isnan()
