@@ -30,3 +30,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["C", "numba"])
+def cpu_loops(request, monkeypatch):
+    """Run the test with the C loops of qlab.core._cpu, then with their numba twins (the C module switched off)."""
+    from qlab.core import decode4
+    from qlab.core.formats import floating
+
+    if request.param == "C" and decode4._cpu is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build qlab.core._cpu (pip install -e . with a C compiler)")
+        pytest.skip("qlab.core._cpu is not built (no C compiler at install): qlab runs the numba loops")
+    if request.param == "numba":
+        monkeypatch.setattr(decode4, "_cpu", None)
+        monkeypatch.setattr(floating, "_cpu", None)
+    return request.param

@@ -1,7 +1,5 @@
 """The one-pass 4-bit and 8-bit decoders give the two-pass path's bits (values() looked up, then scaled per group):
 both in C (qlab/core/_cpu.c: AVX-512 permutes for 4 bits, on one and two threads) and in numba."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -22,18 +20,6 @@ def two_pass(qt):
     return qt.spec.granularity.from_groups(x_hat, qt.shape).to(qt.dtype)
 
 
-@pytest.fixture(params=["C", "numba"])
-def lookup(request, monkeypatch):
-    """Run the test with the C loops, then with the numba ones (the C module switched off)."""
-    if request.param == "C" and decode4_module._cpu is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must build qlab.core._cpu (pip install -e . with a C compiler)")
-        pytest.skip("qlab.core._cpu is not built (no C compiler at install): decode4 uses its numba loop")
-    if request.param == "numba":
-        monkeypatch.setattr(decode4_module, "_cpu", None)
-    return request.param
-
-
 SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax", "int4-g32-asym-minmax-fmin",
          "int4-channel", "int4-token-asym-minmax", "int4-tensor", "int4-g16-sbf16",
          # decode8: signed grids (restricted and full), unsigned with zero points or float minima
@@ -45,7 +31,7 @@ SPECS = ["nf4", "nf4-b64-dq", "nf4-b64-sfp32", "fp4_e2m1", "int4-g32-asym-minmax
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", [(8, 64), (5, 96), (3, 7, 32), (13, 10), (7, 9), (1, 2)])
-def test_one_pass_equals_two_pass_bit_for_bit(spec, shape, lookup):
+def test_one_pass_equals_two_pass_bit_for_bit(spec, shape, cpu_loops):
     gen = torch.Generator().manual_seed(sum(shape) + len(spec))
     W = torch.randn(shape, generator=gen) * 3
     W.reshape(-1)[: min(W.numel(), 64)] = 0  # an all-zero group (scale 0) at the start
@@ -60,7 +46,7 @@ def test_one_pass_equals_two_pass_bit_for_bit(spec, shape, lookup):
 @pytest.mark.parametrize("spec", ["nf4-b64-sfp32", "int4-channel", "int4-tensor", "int8-token-asym-minmax", "int8-tensor",
                                   "fp8_e4m3", "fp8_e5m2-b64"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, lookup):
+def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, cpu_loops):
     # 3 x 16,389 values, an odd count (the last byte holds one code); one and two torch threads give the same bits
     W = torch.randn(3, (1 << 14) + 5, generator=torch.Generator().manual_seed(5))
     qt = quantize(W, spec)
@@ -74,7 +60,7 @@ def test_large_tensors_equal_two_pass_bit_for_bit(spec, threads, lookup):
 
 
 @pytest.mark.parametrize("mode", ["scale", "zero_point", "minimum"])
-def test_decode4_on_every_byte_value_and_odd_lengths(mode, lookup):
+def test_decode4_on_every_byte_value_and_odd_lengths(mode, cpu_loops):
     # every byte value in every group, groups of 2..96 values, counts ending inside a group and inside a byte,
     # scales across magnitudes (subnormal products included)
     rng = np.random.default_rng(7)
@@ -134,7 +120,7 @@ def test_run_lengths_of_each_granularity():
     assert run_length(PerChannel(0), (0, 13)) is None and run_length(PerTensor(), ()) is None
 
 
-def test_decoder_by_hand(lookup):
+def test_decoder_by_hand(cpu_loops):
     # codes 0..3 (low nibble first), a table q -> q/2, L = 2: groups (0, 1) and (2, 3)
     packed = torch.tensor([0x10, 0x32], dtype=torch.uint8)
     table = torch.arange(16, dtype=torch.float32) / 2
@@ -156,7 +142,7 @@ def test_autograd_through_the_scales_keeps_the_torch_path():
         assert torch.equal(qt.dequantize(), x_hat.detach())
 
 
-def test_decoder8_by_hand(lookup):
+def test_decoder8_by_hand(cpu_loops):
     # codes 0, 1, 254, 255 of a grid whose code 0 is -127: values -127, -126, 127, 128; L = 2
     codes = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
     scale = torch.tensor([2.0, 0.5])

@@ -1,6 +1,4 @@
 """FP grids against torch's own float casts (the outside reference), over every code and random data."""
-import os
-
 import pytest
 import torch
 
@@ -96,20 +94,7 @@ def test_torch_cast_fast_path_equals_the_arithmetic(name):
         assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) and torch.equal(torch.signbit(a), torch.signbit(b))
 
 
-@pytest.fixture(params=["C", "numba"])
-def e4m3_loop(request, monkeypatch):
-    """The E4M3 encoder in C (qlab/core/_cpu.c), then its numba loop (the C module switched off)."""
-    from qlab.core.formats import floating
-    if request.param == "C" and floating._cpu is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must build qlab.core._cpu (pip install -e . with a C compiler)")
-        pytest.skip("qlab.core._cpu is not built: e4m3_codes uses its numba loop")
-    if request.param == "numba":
-        monkeypatch.setattr(floating, "_cpu", None)
-    return request.param
-
-
-def test_e4m3_codes_are_the_clamped_torch_cast_bit_for_bit(gen, e4m3_loop):
+def test_e4m3_codes_are_the_clamped_torch_cast_bit_for_bit(gen, cpu_loops):
     """The encoder's one-pass E4M3 loop (divide, round, saturate) against torch: the divide, the clamp to +-448,
     torch's cast. Every float32 whose low 16 bits are one of a few patterns (ties, either side of them; all
     exponents, both signs, subnormals, inf, NaN; all 2^32 floats were checked once), then groups with scales."""
@@ -127,7 +112,7 @@ def test_e4m3_codes_are_the_clamped_torch_cast_bit_for_bit(gen, e4m3_loop):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_e4m3_codes_split_mid_row_on_two_threads(gen, threads, e4m3_loop):
+def test_e4m3_codes_split_mid_row_on_two_threads(gen, threads, cpu_loops):
     # 3 rows of 50,001: two threads split the 150,003 values inside the second row
     from qlab.core.formats.floating import e4m3_codes
     G = torch.randn(3, 50_001, generator=gen) * 100
