@@ -15,7 +15,7 @@ env: $(STAMP)
 
 # requirements.lock pins every package of the tested set except torch (pinned by TORCH); `make lock` rewrites it
 # from .venv after `make test` passes, in a commit of its own. pyproject's ranges stay for other environments.
-$(STAMP): pyproject.toml setup.py qlab/core/_lut4.c requirements.lock
+$(STAMP): pyproject.toml setup.py qlab/core/_cpu.c requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
