@@ -49,7 +49,7 @@ def mean_abs(X, block: int = 128) -> torch.Tensor:
     ``block`` channels at a time, so that |x| is a temporary the size of a cache, not of X (each channel's
     mean adds the same numbers in the same order either way)."""
     rows = token_rows(X)
-    return torch.cat([torch.cat([r[:, i:i + block] for r in rows]).abs().float().mean(dim=0)
+    return torch.cat([torch.cat([r[:, i:i + block] for r in rows]).abs_().float().mean(dim=0)  # |x| in cat's copy
                       for i in range(0, rows[0].shape[1], block)])
 
 
@@ -87,22 +87,44 @@ def group_size(spec: QuantSpec, in_features: int) -> int:
     return spec.granularity.columns_per_scale(shape)
 
 
-def _quadratic_form(dW: torch.Tensor, H: torch.Tensor, block: int = 256) -> float:
-    """tr(dW H dW^T) for a symmetric H, from the blocks of H on and above the diagonal only: each block of
-    ``block`` rows is paired with the columns from its diagonal on, the part right of it counted twice
-    (about 60% of the multiply-adds of ``((dW @ H) * dW).sum()`` for 1536 inputs)."""
-    total = 0.0
-    for i in range(0, H.shape[0], block):
-        j = i + block
-        P = dW[:, i:j] @ H[i:j, i:]  # [out, in - i]
-        total += float((P[:, :block] * dW[:, i:j]).sum()) + 2 * float((P[:, block:] * dW[:, j:]).sum())
-    return total
+def _pads_freely(spec: QuantSpec) -> bool:
+    """Do zero columns appended to a row leave the quantization of its real columns unchanged? For the
+    min-max and absmax ranges yes (the range holds 0 anyway): fake_quant may then be given the rows already
+    padded to whole groups, and neither pads nor crops a copy per call. (Not absmean's mean or a float
+    minimum, which leave the padding out.)"""
+    return spec.rule in ("minmax", "absmax") and not spec.float_min
 
 
-def _output_error(H, n_tokens, errors):
-    """Mean squared output error over tokens and outputs, averaged over the Linears: for each weight error
-    dW = Wq - W [out, in], ||X dW^T||^2 / (n out) = tr(dW H dW^T) / (n out) with H = X^T X."""
-    return sum(_quadratic_form(dW, H) / (n_tokens * dW.shape[0]) for dW in errors) / len(errors)
+def _pad_columns(A: torch.Tensor, g: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of g and split it into groups: [..., in] -> [..., G, g].
+    (A row of 576 in groups of 128: four groups and a last one of 64 real columns plus 64 zeros.)"""
+    pad = -A.shape[-1] % g
+    return torch.nn.functional.pad(A, (0, pad)).reshape(*A.shape[:-1], -1, g)
+
+
+def _lower_doubled(H: torch.Tensor) -> torch.Tensor:
+    """Lw: H's lower triangle with the off-diagonal doubled (exact, x2). For a symmetric H,
+    x H x^T = sum over k >= c of x_k Lw_kc x_c: each pair (k, c) once, from half of H."""
+    return torch.tril(H, -1).mul_(2).add_(torch.diag_embed(torch.diagonal(H)))
+
+
+def _quadratic_forms(dW: torch.Tensor, lower: torch.Tensor, ends: list, block: int = 128) -> list:
+    """tr(dW_k H dW_k^T) for each block of rows dW_k = dW[ends[k]:ends[k+1]] (the Linears of a group stacked),
+    from ``lower`` = _lower_doubled(H): each block of ``block`` columns meets Lw from its diagonal down, one
+    matmul over all rows per block (about 55-60% of the multiply-adds of ``((dW @ H) * dW).sum()``)."""
+    n = lower.shape[0]
+    totals = [0.0] * (len(ends) - 1)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        P = (dW[:, i:n] @ lower[i:, i:j]).mul_(dW[:, i:j])  # [rows, block]: dW_c sum_{k >= i} dW_k Lw_kc
+        for k, (a, b) in enumerate(zip(ends, ends[1:])):
+            totals[k] += float(P[a:b].sum())
+    return totals
+
+
+def _quadratic_form(dW: torch.Tensor, H: torch.Tensor, block: int = 128) -> float:
+    """tr(dW H dW^T) for a symmetric H (see ``_quadratic_forms``)."""
+    return _quadratic_forms(dW, _lower_doubled(H), [0, dW.shape[0]], block)[0]
 
 
 def search_scale(weights, X, spec, n_grid: int = 20, n_tokens: int = 4096):
@@ -113,23 +135,25 @@ def search_scale(weights, X, spec, n_grid: int = 20, n_tokens: int = 4096):
     spec = QuantSpec.parse(spec)
     x_mean = mean_abs(X)
     X = sample_tokens(X, n_tokens)
+    n, in_features = X.shape
     # the output error needs X only through H = X^T X: one [in, in] product instead of a matmul per grid point
-    H = gram(X)
+    lower = _lower_doubled(gram(X))
+    # the Linears stacked (groups lie within rows: one fake_quant per grid point gives each its own values),
+    # padded to whole groups once where the padding changes nothing (scale 1 on the padding)
+    W = torch.cat([W.float() for W in weights])
+    ends = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
+    g = group_size(spec, in_features)  # (raises for a per-tensor spec, whose one scale stacking would share)
+    pad = -in_features % g if _pads_freely(spec) else 0
+    W = torch.nn.functional.pad(W, (0, pad))
     losses = torch.zeros(n_grid)
     for i in range(n_grid):
-        s = awq_scales(x_mean, i / n_grid)
+        s = torch.nn.functional.pad(awq_scales(x_mean, i / n_grid), (0, pad), value=1.0)
         # the error of the effective weight Q(W s) / s, computed in place in the fake-quantized copy
-        errors = [fake_quant(W.float() * s, spec).div_(s).sub_(W.float()) for W in weights]
-        losses[i] = _output_error(H, X.shape[0], errors)
+        E = fake_quant(W * s, spec).div_(s).sub_(W)
+        forms = _quadratic_forms(E, lower, ends)  # (E's padding columns are left out: lower is [in, in])
+        losses[i] = sum(f / (n * (b - a)) for f, a, b in zip(forms, ends, ends[1:])) / len(weights)
     best = int(torch.argmin(losses))
     return awq_scales(x_mean, best / n_grid), best / n_grid, losses
-
-
-def _pad_columns(A: torch.Tensor, g: int) -> torch.Tensor:
-    """Zero-pad the last dim to a multiple of g and split it into groups: [..., in] -> [..., G, g].
-    (A row of 576 in groups of 128: four groups and a last one of 64 real columns plus 64 zeros.)"""
-    pad = -A.shape[-1] % g
-    return torch.nn.functional.pad(A, (0, pad)).reshape(*A.shape[:-1], -1, g)
 
 
 def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_shrink: float = 0.5,
@@ -147,11 +171,16 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, spec, n_grid: int = 20, max_sh
     org_max = Wg.abs().amax(dim=-1)  # [out, G]
     best_err = torch.full_like(org_max, float("inf"))
     best_max = org_max.clone()
+    padded = _pads_freely(spec)
+    Wg_t = Wg.transpose(0, 1).contiguous()  # the groups first, for the batched matmul
+    dW = torch.empty_like(Wg_t)
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
-        Wq = fake_quant(_clip_groups(Wg, max_val)[:, :in_features], spec)
-        dW = (_pad_columns(Wq, g) - Wg).transpose(0, 1)  # [G, out, g]
-        err = ((dW @ H) * dW).sum(dim=-1).T / X.shape[0]  # mean_t (x_t,g . dw_g)^2 = dw_g H_g dw_g^T / n: [out, G]
+        clipped = _clip_groups(Wg, max_val)
+        # (on the padding, H's zero rows and columns make dW's values there irrelevant)
+        Wq = fake_quant(clipped, spec) if padded else _pad_columns(fake_quant(clipped[:, :in_features], spec), g)
+        dW = torch.sub(Wq.reshape(Wg.shape).transpose(0, 1), Wg_t, out=dW)  # [G, out, g], contiguous
+        err = (dW @ H).mul_(dW).sum(dim=-1).T / X.shape[0]  # mean_t (x_t,g . dw_g)^2 = dw_g H_g dw_g^T / n: [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
@@ -169,7 +198,7 @@ def apply_clip(W: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch
 
 def _clip_groups(Wg: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
     """Groups Wg [out, G, g] clamped to [-max_val, max_val] (max_val [out, G]), back as rows [out, G * g]."""
-    clipped = torch.maximum(torch.minimum(Wg, max_val[..., None]), -max_val[..., None])
+    clipped = torch.clamp(Wg, -max_val[..., None], max_val[..., None])  # one pass (max_val >= 0)
     return clipped.reshape(Wg.shape[0], -1)
 
 
