@@ -110,7 +110,9 @@ def _numpy(t):
     """t as a flat, contiguous float32 numpy array (a view when it is one already), or None."""
     if t is None:
         return None
-    return np.ascontiguousarray(t.detach().numpy() if t.dtype == torch.float32 else t.detach().float().numpy()).reshape(-1)
+    if t.dtype != torch.float32 or t.requires_grad:
+        t = t.detach().float()
+    return t.reshape(-1).numpy()  # (reshape copies a non-contiguous t)
 
 
 def decode4(packed: torch.Tensor, n: int, table: torch.Tensor, L: int, scale: torch.Tensor,

@@ -9,6 +9,7 @@ command lines:
 ('int4-g128-asym-minmax', 4)
 """
 from dataclasses import dataclass
+from functools import cached_property
 import re
 
 import torch
@@ -94,7 +95,7 @@ class QuantSpec:
             raise ValueError(f"a float minimum is chosen by the minmax or mse rule, not {self.rule!r}")
 
     # ---- the grid --------------------------------------------------------------------------
-    @property
+    @cached_property  # (looked up once per spec: a decode asks for it on every call)
     def grid(self):
         if self.format in INT_FORMATS:
             name = self.format if self.symmetric else "u" + self.format

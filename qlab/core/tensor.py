@@ -149,15 +149,13 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         gran, grid, bits = self.spec.granularity, self.spec.grid, self.spec.bits
-        one_pass = self.packed.device.type == "cpu" and bits in (4, 8)
-        L = run_length(gran, self.shape) if one_pass else None
+        L = run_length(gran, self.shape) if bits in (4, 8) and self.packed.is_cpu else None
         if L is not None and (bits == 8 or L % 2 == 0):  # one pass over the bytes, the same bits (unless autograd needs torch)
-            scale = self.scales().reshape(-1)
-            zp = None if self.zero_point is None else self.zero_point.reshape(-1)
-            if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (scale, zp, self.minimum))):
+            scale = self.scales()
+            if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (scale, self.zero_point, self.minimum))):
                 decode = decode4 if bits == 4 else decode8
-                x_hat = decode(self.packed, self.numel, _grid_table(grid, bits), L, scale, zp, self.minimum)
-                return x_hat.reshape(self.shape).to(self.dtype)
+                x_hat = decode(self.packed, self.numel, _grid_table(grid, bits), L, scale, self.zero_point, self.minimum)
+                return x_hat.view(self.shape).to(self.dtype)
         Q, _ = gran.to_groups(self.values())  # a fresh tensor (grids decode into new memory): scaled in place
         zp = None if self.zero_point is None else self.zero_point.reshape(-1).float()
         mn = None if self.minimum is None else self.minimum.reshape(-1).float()
