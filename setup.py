@@ -1,6 +1,6 @@
 """The one compiled extension; everything else is in pyproject.toml.
 
-qlab/core/_cpu.c holds three CPU loops in C (the 4-bit and 8-bit decoders, the E4M3 encoder) on torch's OpenMP
+qlab/core/_cpu.c holds four CPU loops in C (the 4-bit and 8-bit decoders, the E4M3 and integer encoders) on torch's OpenMP
 threads. It is optional: without a C compiler the install goes on, and qlab runs the numba loops, which give the
 same bits on one thread.
 """

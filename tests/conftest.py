@@ -36,7 +36,7 @@ def one_thread():
 def cpu_loops(request, monkeypatch):
     """Run the test with the C loops of qlab.core._cpu, then with their numba twins (the C module switched off)."""
     from qlab.core import decode4
-    from qlab.core.formats import floating
+    from qlab.core.formats import floating, integer
 
     if request.param == "C" and decode4._cpu is None:
         if os.environ.get("CI"):
@@ -45,4 +45,5 @@ def cpu_loops(request, monkeypatch):
     if request.param == "numba":
         monkeypatch.setattr(decode4, "_cpu", None)
         monkeypatch.setattr(floating, "_cpu", None)
+        monkeypatch.setattr(integer, "_cpu", None)
     return request.param

@@ -1,9 +1,10 @@
-/* qlab.core._cpu: three of qlab's CPU loops in C, on torch's OpenMP threads.
+/* qlab.core._cpu: four of qlab's CPU loops in C, on torch's OpenMP threads.
  *
  *   decode4   packed 4-bit codes -> float32 (qlab/core/decode4.py): AVX-512's 16-lane permute (vpermps) looks
  *             16 codes up in the group's 16 values held in a register, an instruction numba does not emit;
  *   decode8   8-bit codes -> float32 through the grid's 256 values (decode4.py's decode8);
- *   e4m3      float32 / scale -> E4M3 codes (qlab/core/formats/floating.py's e4m3_codes).
+ *   e4m3      float32 / scale -> E4M3 codes (qlab/core/formats/floating.py's e4m3_codes);
+ *   int       float32 / scale + zero point -> integer-grid codes (qlab/core/formats/integer.py's int_codes).
  *
  * Each gives the bits of its numba loop (the fallback when this module is not built): the same float32
  * operations in the same order, never fused (built with -ffp-contract=off). The work is split over
@@ -231,6 +232,24 @@ static void e4m3_range_avx512(const float *x, const float *scale, Py_ssize_t L, 
 }
 #endif
 
+/* ---- integer codes -------------------------------------------------------------------------------------- */
+
+/* The code of x[k] / scale[g] + zero_point[g] on the integer grid [qmin, qmax]: the value rounded to nearest
+ * even (torch.round), clamped, minus qmin (integer.py's int_codes: IntGrid.encode_nearest's bits). */
+VECTOR_CLONES
+static void int_range(const float *x, const float *scale, const float *zero_point, Py_ssize_t L, float qmin,
+                      float qmax, uint8_t *out, Py_ssize_t k0, Py_ssize_t k1) {
+    for (Py_ssize_t g = k0 / L; g * L < k1; g++) {
+        Py_ssize_t a = g * L > k0 ? g * L : k0, b = (g + 1) * L < k1 ? (g + 1) * L : k1;
+        const float s = scale[g], z = zero_point ? zero_point[g] : 0.0f;  /* (+0 changes no rounded value) */
+        for (Py_ssize_t k = a; k < b; k++) {
+            float v = rintf(x[k] / s + z);
+            v = v < qmin ? qmin : (v > qmax ? qmax : v);
+            out[k] = (uint8_t)(int32_t)(v - qmin);
+        }
+    }
+}
+
 /* ---- arguments ------------------------------------------------------------------------------------------ */
 
 /* a C-contiguous buffer of `format` items ("f": float32, "B": uint8), at least `need` of them; None is allowed
@@ -328,6 +347,39 @@ static PyObject *e4m3_codes(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *int_codes(PyObject *self, PyObject *args) {
+    PyObject *o[4];
+    Py_ssize_t L;
+    float qmin, qmax;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OnOOffOi", &o[0], &L, &o[1], &o[2], &qmin, &qmax, &o[3], &threads)) return NULL;
+    if (L <= 0 || threads < 1 || !(qmin <= qmax) || qmin < -128 || qmax - qmin > 255) {
+        PyErr_Format(PyExc_ValueError, "int_codes: need L > 0, threads >= 1 and an integer grid of at most 8 bits; "
+                     "got L=%zd, threads=%d, [%g, %g]", L, threads, qmin, qmax);
+        return NULL;
+    }
+    Py_buffer v[4];  /* x, scale, zero_point, out */
+    memset(v, 0, sizeof v);
+    if (get_buffer(o[0], &v[0], "f", 0, 0, 0, "x")) return NULL;
+    Py_ssize_t n = v[0].len / 4, n_groups = (n + L - 1) / L;
+    if (get_buffer(o[1], &v[1], "f", n_groups, 0, 0, "scale") || get_buffer(o[2], &v[2], "f", n_groups, 1, 0, "zero_point") ||
+        get_buffer(o[3], &v[3], "B", n, 0, 1, "out")) {
+        release(v, 4);
+        return NULL;
+    }
+    const float *x = v[0].buf, *scale = v[1].buf, *zero_point = v[2].buf;
+    uint8_t *out = v[3].buf;
+    Py_BEGIN_ALLOW_THREADS
+    #pragma omp parallel num_threads(THREADS(n, threads))
+    {
+        THREAD_RANGE(n, k0, k1);
+        int_range(x, scale, zero_point, L, qmin, qmax, out, k0, k1);
+    }
+    Py_END_ALLOW_THREADS
+    release(v, 4);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"decode4", decode4, METH_VARARGS,
      "decode4(packed, n, table, L, scale, zero_point, minimum, out, threads): the n values of 4-bit codes packed\n"
@@ -338,6 +390,9 @@ static PyMethodDef methods[] = {
      "codes (table: the grid's 256 values), scaled per run of L as decode4 scales, into out (float32)."},
     {"e4m3_codes", e4m3_codes, METH_VARARGS,
      "e4m3_codes(x, L, scale, out, threads): the E4M3 code of x[k] / scale[k // L] into out (uint8)."},
+    {"int_codes", int_codes, METH_VARARGS,
+     "int_codes(x, L, scale, zero_point, qmin, qmax, out, threads): the code clamp(round(x[k] / scale[g] +\n"
+     "zero_point[g]), qmin, qmax) - qmin of each value (g = k // L; zero_point None or float32) into out (uint8)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "qlab's CPU loops in C (qlab/core/_cpu.c).", -1,

@@ -12,6 +12,7 @@ import torch
 
 from qlab.core import scales as _scales
 from qlab.core.formats.floating import FloatGrid, e4m3_codes
+from qlab.core.formats.integer import IntGrid, int_codes
 from qlab.core.packing import pack
 from qlab.core.spec import DOUBLE_QUANT_SPEC, SCALE_DTYPES, QuantSpec
 from qlab.core.tensor import QuantizedTensor
@@ -245,6 +246,8 @@ def _encode_groups(G, p: QParams, grid, slab: int = 1 << 20, one_pass: int = 1 <
     if isinstance(grid, FloatGrid) and grid.name == "fp8_e4m3" and p.zero_point is None and p.minimum is None \
             and G.device.type == "cpu" and G.dtype == torch.float32:
         return e4m3_codes(G, p.scale)  # divide and cast in one pass: no float temporary, no slabs needed
+    if isinstance(grid, IntGrid) and p.minimum is None and G.device.type == "cpu" and G.dtype == torch.float32:
+        return int_codes(G, p.scale, p.zero_point, grid)  # divide, add, round, clamp and cast in one pass
 
     def encode(rows, cols):
         per_group = [None if t is None else t[rows] for t in (p.scale, p.zero_point, p.minimum)]

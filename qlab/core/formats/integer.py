@@ -10,7 +10,14 @@ Codes are stored unsigned ("offset binary"): code = q - qmin, so int4's -8..7 is
 """
 from dataclasses import dataclass
 
+from numba import njit
+import numpy as np
 import torch
+
+try:
+    from qlab.core import _cpu  # qlab/core/_cpu.c (int_codes), absent when no C compiler built it
+except ImportError:
+    _cpu = None
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,30 @@ class IntGrid:
         if codes.dtype == torch.uint8:  # code + qmin modulo 256 (uint8 wraps) is q's int8 byte: a byte pass, not a float one
             return (codes + self.qmin % 256).view(torch.int8).to(torch.float32)
         return codes.to(torch.float32, copy=True).add_(self.qmin)
+
+
+@njit(cache=True, error_model="numpy")
+def _int_codes(G, scale, zero_point, qmin, qmax, out):
+    """``out[g, j]`` = clamp(round(G[g, j] / scale[g] + zero_point[g]), qmin, qmax) - qmin, in float32, rounded to
+    nearest even: the bits of IntGrid.encode_nearest (torch's divide, add and round are the same float32
+    operations). Row by row, as floating.py's _e4m3_codes."""
+    for g in range(G.shape[0]):
+        s, z = scale[g], zero_point[g]
+        for j in range(G.shape[1]):
+            v = np.rint(G[g, j] / s + z)
+            out[g, j] = np.uint8(np.int32(min(max(v, qmin), qmax) - qmin))
+
+
+def int_codes(G: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: IntGrid) -> torch.Tensor:
+    """The codes (uint8) of G / scale[:, None] + zero_point[:, None] on ``grid``, for float32 groups G [n_groups,
+    len] on the CPU: what ``grid.encode_nearest`` gives for that quotient, in one pass and no float temporary
+    (torch's divide, add, round and cast: four passes); in C on torch's threads when qlab.core._cpu is built."""
+    out = np.empty(tuple(G.shape), dtype=np.uint8)
+    G_, scale_ = G.detach().contiguous().numpy(), scale.detach().float().contiguous().numpy()
+    zp = None if zero_point is None else zero_point.detach().float().contiguous().numpy()
+    qmin, qmax = np.float32(grid.qmin), np.float32(grid.qmax)
+    if _cpu is not None:
+        _cpu.int_codes(G_, G_.shape[1], scale_, zp, qmin, qmax, out, torch.get_num_threads())
+    else:
+        _int_codes(G_, scale_, np.zeros_like(scale_) if zp is None else zp, qmin, qmax, out)
+    return torch.from_numpy(out)

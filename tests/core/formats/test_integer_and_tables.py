@@ -39,6 +39,38 @@ def test_int_round_ties_to_even_and_clamps():
     assert g.round(torch.tensor([0.5, 1.5, 2.5, -9.0, 7.6])).tolist() == [0.0, 2.0, 2.0, -8.0, 7.0]
 
 
+def test_int_codes_by_hand(cpu_loops):
+    # uint4, scale 0.5, zero point 3: x / s + z = 3.5, 4.5, 5.5, -1, 20 -> ties to even 4, 4, 6, then clamped 0, 15
+    from qlab.core.formats.integer import int_codes
+    G = torch.tensor([[0.25, 0.75, 1.25, -2.0, 8.5]])
+    assert int_codes(G, torch.tensor([0.5]), torch.tensor([3.0]), IntGrid(4, signed=False)).tolist() == [[4, 4, 6, 0, 15]]
+    # int8 restricted [-127, 127], no zero point: codes are q + 127
+    G = torch.tensor([[-300.0, -126.5, -0.5, 0.5, 1.5, 126.5]])
+    assert int_codes(G, torch.tensor([1.0]), None, IntGrid(8, restricted=True)).tolist() == [[0, 1, 127, 127, 129, 253]]
+
+
+@pytest.mark.parametrize("grid", [IntGrid(8, restricted=True), IntGrid(8), IntGrid(8, signed=False), IntGrid(4, signed=False),
+                                  IntGrid(3), IntGrid(2, signed=False)], ids=str)
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int_codes_are_torch_round_and_clamp_bit_for_bit(grid, zero_point, threads, gen, cpu_loops):
+    """The encoder's one-pass integer loop against torch's divide, add, round (ties to even) and clamp, on
+    3 rows of 50,001 (two threads split the values inside the second row), with exact ties in every row."""
+    from qlab.core.formats.integer import int_codes
+    G = torch.randn(3, 50_001, generator=gen) * 40
+    G[:, :20] = torch.arange(-10, 10) + 0.5
+    scale = torch.tensor([1.0, 0.37, 3.0])
+    zp = torch.tensor([float(grid.qmin), float(grid.qmax), float((grid.qmin + grid.qmax) // 2)]) if zero_point else None
+    X = G / scale[:, None] + (0 if zp is None else zp[:, None])
+    want = (torch.round(X).clamp(grid.qmin, grid.qmax) - grid.qmin).to(torch.uint8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(int_codes(G, scale, zp, grid), want)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ternary_and_binary():
     assert get_grid("ternary").round(torch.tensor([-0.7, 0.2, 0.51])).tolist() == [-1.0, 0.0, 1.0]
     assert get_grid("binary").round(torch.tensor([-0.1, 0.3])).tolist() == [-1.0, 1.0]
