@@ -15,7 +15,7 @@ peer does the whole job qlab does (its column says which): scales included, code
 * llama.cpp's ``ggml_quantize_chunk`` (through ``qlab.gguf.reference``, when ``make llamacpp-peer`` has
   built it; single-threaded in llama.cpp whatever the thread count): the GGUF block formats, whose qlab
   encoders (numba loops, ``qlab.gguf.search``) are single-threaded too;
-* the gguf package's decoder for the GGUF formats (numpy).
+* the gguf package's decoder for the GGUF formats (numpy), whose float32 values qlab's decoders give bit for bit.
 
 A peer that is absent is reported as absent. The ratio is qlab's time over the peer's: below 1, qlab is faster.
 ``--ops`` keeps the rows whose name contains one of its comma-separated words (``--ops int8,FP8,Q4_1``).
@@ -161,7 +161,9 @@ def measure(W: torch.Tensor, repeats: int, gguf_types=GGUF_TYPES, ops=None) -> l
         peer_fn = (lambda q=qtype: reference.ggml_quantize(arr, q)) if lib else None
         same = bool(np.array_equal(ours.data.reshape(-1), reference.ggml_quantize(arr, qtype).reshape(-1))) if lib else None
         row(f"{qtype}: encode", lambda q=qtype: qg.quantize(W, q), "llama.cpp ggml_quantize_chunk", peer_fn, same)
-        row(f"{qtype}: decode", ours.dequantize, "gguf package dequantize", _gguf_decode(ours), None)
+        decode = _gguf_decode(ours)
+        row(f"{qtype}: decode", ours.dequantize, "gguf package dequantize", decode,
+            bool(np.array_equal(ours.dequantize().numpy().reshape(-1), decode().reshape(-1))))
     return out
 
 

@@ -63,7 +63,8 @@ from tqdm.auto import tqdm
 
 from qlab.core.atomic import write_json
 from qlab.eval.metrics import AUTOCAST
-from qlab.models.walker import quantize_model
+from qlab.methods import METHODS
+from qlab.models.walker import entry, quantize_model
 from qlab.models import EMBEDDED, REPO_ROOT
 
 DEFAULT_RESULTS = REPO_ROOT / "results"
@@ -101,7 +102,23 @@ def _config_text(config: dict, protocol: EvalProtocol) -> str:
     payload["protocol"] = asdict(protocol)
     if protocol.autocast is None:  # float32: the keys of the results computed before autocast existed
         del payload["protocol"]["autocast"]
+    revisions = _revisions(config)
+    if revisions:  # (only methods past their first revision: the other keys stay those of the rows already cached)
+        payload["revisions"] = revisions
     return json.dumps(payload, sort_keys=True, default=str)
+
+
+def _revisions(config: dict) -> dict:
+    """{method: revision} of the configuration's methods whose numbers have changed since their first version."""
+    methods = {config["method"]} if "method" in config else set()
+    for value in (config.get("recipe") or {}).values():
+        try:
+            e = entry(value)
+        except ValueError:  # a bad entry: the grid check names it
+            continue
+        if e is not None:
+            methods.add(e.method)
+    return {m: METHODS[m].revision for m in sorted(methods) if m in METHODS and METHODS[m].revision > 1}
 
 
 def config_hash(config: dict, protocol: EvalProtocol) -> str:

@@ -23,7 +23,8 @@ from qlab.methods.weight import aqlm, awq, gguf, gptq, quip, rtn
 METHODS = {m.name: m for m in [
     Method("rtn", rtn.rtn_method, doc="round to nearest (no calibration)"),
     Method("gptq", gptq.gptq_method, needs_inputs=True, doc="GPTQ: Hessian-aware rounding with error feedback"),
-    Method("awq", awq.awq_method, needs_inputs=True, folds_into=("norm", "linear"), fallback="rtn",
+    Method("awq", awq.awq_method, needs_inputs=True, folds_into=("norm", "linear"), fallback="rtn", sequential=False,
+           revision=2,  # 2: calibrated on the float model's activations, as llm-awq (was: the quantized model's)
            doc="AWQ: activation-aware input-channel scaling and clipping"),
     Method("gguf", gguf.gguf_method, parse_spec=gguf.parse_gguf_spec, doc="a llama.cpp block format (Q4_K, Q8_0 ...), byte for byte"),
     Method("quip", quip.quip_method, needs_inputs=True, parse_spec=quip.parse_quip_spec,

@@ -49,9 +49,12 @@ class Method:
     needs_inputs: whether it needs calibration inputs; a callable of the options when that depends on them
     folds_into:   the kinds of previous op its ``fold`` may go into ('norm', 'linear'); where the walker finds
                   no such op (o_proj under grouped-query attention), it applies ``fallback`` instead
-    sequential:   True: layer l is calibrated on the outputs of the already-quantized layers 0..l-1 (GPTQ's and
-                  AWQ's references); False: on the float model's (SmoothQuant's activation statistics)
+    sequential:   True: layer l is calibrated on the outputs of the already-quantized layers 0..l-1 (GPTQ's
+                  reference; a second pass through each layer once quantized); False: on the float model's,
+                  from the calibration pass itself (AWQ's reference, llm-awq's run_awq; SmoothQuant's statistics)
     parse_spec:   the method's own spec parser (a GGUF type, QuIP#'s 'e8p'); None: a QuantSpec string
+    revision:     raised by one when a change moves the method's numbers: it enters the sweep key of every
+                  configuration using the method (``qlab.eval.sweep``), so rows cached before are computed again
     """
 
     name: str
@@ -61,6 +64,7 @@ class Method:
     fallback: str | None = None
     sequential: bool = True
     parse_spec: Callable | None = None
+    revision: int = 1
     doc: str = ""
 
     def wants_inputs(self, options: dict) -> bool:

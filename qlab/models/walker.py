@@ -224,12 +224,13 @@ def _run(layer, store) -> list:
 
 
 @torch.no_grad()
-def _capture(layer, linears: dict, store, keep: set) -> list:
+def _capture(layer, linears: dict, store, keep: set, outputs: bool = False) -> tuple:
     """Run the stored batches through ``layer``; return the groups of Linears (names) that read the same
-    input tensor, in forward order, each with its inputs (a list of batches) when a member is in ``keep``.
-    Each batch stops once every Linear has its input: the last one (down_proj) and the rest of the layer
-    are not computed, as their outputs are not needed."""
+    input tensor, in forward order, each with its inputs (a list of batches) when a member is in ``keep``,
+    and the layer's outputs (``_run``'s) when ``outputs``, else None. Without ``outputs`` each batch stops
+    once every Linear has its input: the last one (down_proj) and the rest of the layer are not computed."""
     groups = []  # [names, input tensor of the current batch, batches]
+    out = [] if outputs else None
     order = {}
     fired = set()
 
@@ -250,7 +251,7 @@ def _capture(layer, linears: dict, store, keep: set) -> list:
                 g[0].append(name)
             if name in keep and (not g[2] or g[2][-1] is not x):
                 g[2].append(x)
-            if len(fired) == len(linears):
+            if len(fired) == len(linears) and not outputs:
                 raise _Stop
         return fn
 
@@ -259,13 +260,15 @@ def _capture(layer, linears: dict, store, keep: set) -> list:
         for hidden, kwargs in store:
             fired.clear()
             try:
-                layer(hidden, **kwargs)
+                y = layer(hidden, **kwargs)
+                if outputs:
+                    out.append((y[0] if isinstance(y, tuple) else y, kwargs))
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
-    return [(names, batches if batches else None) for names, _, batches in groups]
+    return [(names, batches if batches else None) for names, _, batches in groups], out
 
 
 def _scaling_groups(layer, prefix: str) -> list:
@@ -386,7 +389,9 @@ def quantize_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
         if outside:
             raise ValueError(f"calibrated methods quantize decoder-layer Linears; {outside[0]} is outside them "
                              f"(use an uncalibrated method such as rtn there)")
-        sequential = any(get_method(e.method).sequential for e in plan.values() if e is not None)
+        # sequential: each layer calibrated on the quantized layers' outputs (a second pass through the layer once
+        # it is quantized); otherwise on the float model's, the outputs of the calibration pass itself
+        sequential = any(get_method(plan[n].method).sequential for n in calibrated)
         store = first_layer_inputs(model, calib, batch_size)
         for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress)):
             prefix = prefixes[i]
@@ -394,19 +399,20 @@ def quantize_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
             if not linears:
                 store = _run(layer, store)
                 continue
-            float_layer = None if sequential else copy.deepcopy(layer)
             triples = _scaling_groups(layer, prefix)
             keep = {n for n in linears if prefix + n in calibrated}
-            pending = list(linears)
+            pending, float_outputs = list(linears), None
             while pending:
-                groups = _capture(layer, {n: linears[n] for n in pending}, store, keep)
+                want = not sequential and float_outputs is None and i + 1 < len(layers)  # (the layer is float still)
+                groups, outputs = _capture(layer, {n: linears[n] for n in pending}, store, keep, outputs=want)
+                float_outputs = outputs if want else float_outputs
                 todo = groups[:1] if true_sequential else groups
                 for names, X in todo:
                     walk.quantize_group([prefix + n for n in names], X, triples)
                     pending = [n for n in pending if n not in names]
             done.update(prefix + n for n in linears)
             if i + 1 < len(layers):  # the last layer's outputs feed no later layer
-                store = _run(layer if sequential else float_layer, store)
+                store = _run(layer, store) if sequential else float_outputs
 
     rest = [n for n, e in plan.items() if e is not None and n not in done]
     for name in tqdm(rest, desc="quantize", disable=not progress or not rest):

@@ -1,6 +1,6 @@
 """The quantizer benchmark runs, and every peer it times produces the same bytes as qlab where formats agree
-(plain torch's int8 / int4 g128 / FP8 encoders and decoders always; bitsandbytes' NF4 when the PTQ peer venv
-is there; llama.cpp's block formats when its peer is built)."""
+(plain torch's int8 / int4 g128 / FP8 encoders and decoders and the gguf package's block decoders always;
+bitsandbytes' NF4 when the PTQ peer venv is there; llama.cpp's block encoders when its peer is built)."""
 import torch
 
 from qlab.benchmarks.quantizers import bitsandbytes_functional, measure
@@ -18,6 +18,8 @@ def test_benchmark_rows_agree_with_their_peers():
             assert r["same"], r["op"]
     torch_rows = [r for r in rows if r["peer"].startswith("torch")]
     assert len(torch_rows) == 6 and all(r["same"] for r in torch_rows)  # 3 formats x encode, decode
+    gguf_decoders = [r for r in rows if r["peer"] == "gguf package dequantize"]
+    assert len(gguf_decoders) == 3 and all(r["same"] for r in gguf_decoders)  # the gguf package, always there
     nf4 = [r for r in rows if r["op"].startswith("NF4")]
     assert all(r["same"] for r in nf4) if bitsandbytes_functional() else all(r["peer_ms"] is None for r in nf4)
 

@@ -49,6 +49,19 @@ def test_bf16_autocast_is_part_of_the_key_and_float32_keeps_the_keys_of_earlier_
         sweep.EvalProtocol(autocast="fp16")
 
 
+def test_a_methods_revision_changes_the_keys_of_its_configurations_only():
+    """AWQ's revision 2 (calibrated on the float model's activations) moves its numbers: its rows cached before
+    must not be read, whether it is named as the method or in a recipe; GPTQ's keys stay those of its rows."""
+    gptq = {"method": "gptq", "spec": "int4-g128-asym-minmax", "calib_windows": 32}
+    awq = {**gptq, "method": "awq"}
+    mixed = {"calib_windows": 32, "recipe": {"model.layers.*": "awq:int4-g128-asym-minmax", "lm_head": "int8"}}
+    # (the keys qlab computed before revisions existed)
+    assert sweep.config_key(gptq, PROTOCOL) == "0db657c83d4b"
+    assert sweep.config_key(awq, PROTOCOL) != "f20201e139ab"
+    assert sweep.config_key({**mixed, "recipe": {"model.layers.*": "awq:int4-g128-asym-minmax"}}, PROTOCOL) != "5134e0a807e2"
+    assert '"revisions": {"awq": 2}' in sweep._config_text(mixed, PROTOCOL)
+
+
 def test_a_bf16_autocast_sweep_has_its_own_rows(tmp_path):
     configs = _configs()[:1]
     cast = sweep.EvalProtocol(seq_len=32, n_windows=2, pick="first", autocast="bf16")

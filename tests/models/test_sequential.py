@@ -1,8 +1,10 @@
 import copy
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qlab.methods.weight.awq import awq
 from qlab.methods.weight.gptq import gptq, hessian
 from qlab.models.walker import quantize_model
 from qlab.core.quant import fake_quant
@@ -78,16 +80,21 @@ def test_one_pass_mode_shares_inputs():
         assert torch.equal(again.codes(), results[f"model.layers.0.self_attn.{name}"].codes())
 
 
-def test_calibration_pass_stops_at_the_last_linear():
+@pytest.mark.parametrize("method, passes", [("gptq", [4, 2]), ("awq", [2, 2])])
+def test_calibration_pass_stops_at_the_last_linear(method, passes):
     """A layer's calibration pass ends once down_proj has its input (its output is not needed), and the last
-    layer's outputs are never computed: down_proj runs only in the pass that feeds the next layer."""
+    layer's outputs are never computed: down_proj runs only in the pass that feeds the next layer. GPTQ
+    (sequential) runs each layer twice, the second time quantized, for the next layer's inputs; AWQ once, the
+    float layer's outputs of its calibration pass being the next layer's inputs."""
     model = tiny_llama()
-    calls = [0, 0]
+    down, q = [0, 0], [0, 0]
     for i, layer in enumerate(model.model.layers):
-        layer.mlp.down_proj.register_forward_hook(lambda m, a, y, i=i: calls.__setitem__(i, calls[i] + 1))
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, y, i=i: down.__setitem__(i, down[i] + 1))
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, y, i=i: q.__setitem__(i, q[i] + 1))
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    quantize_model(model, {"model.layers.*": f"gptq:{SPEC}"}, calib, batch_size=4, inplace=True)
-    assert calls == [2, 0]  # layer 0: its two batches through the quantized layer; layer 1: none
+    quantize_model(model, {"model.layers.*": f"{method}:{SPEC}"}, calib, batch_size=4, inplace=True)
+    assert down == [2, 0]  # layer 0: its two batches in the pass that feeds layer 1; layer 1: none
+    assert q == passes
 
 
 def test_awq_through_the_walker_on_a_tiny_llama():
@@ -106,3 +113,33 @@ def test_awq_through_the_walker_on_a_tiny_llama():
         assert torch.equal(model.get_submodule(name).weight.data, qt.dequantize())
     e_awq, e_rtn = _logit_errors(model, reference, results, calib)
     assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
+
+
+def test_awq_calibrates_on_the_float_models_activations():
+    """As llm-awq (run_awq takes each layer's inputs from the float layer before it): AWQ of layer 1 through the
+    walker equals AWQ run by hand on layer 1's weights with the float model's own inputs, bit for bit."""
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        if "layernorm" in name:
+            p.data = torch.ones_like(p)
+            p.data[:3] = 30.0
+    reference = copy.deepcopy(model)
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    _, report = quantize_model(model, {"model.layers.*": {"method": "awq", "spec": SPEC, "n_grid": 10}}, calib,
+                               batch_size=4)
+    layer1 = reference.model.layers[1]
+    captured = {"q": [], "down": []}
+    hooks = [layer1.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured["q"].append(a[0])),
+             layer1.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured["down"].append(a[0]))]
+    with torch.no_grad():
+        for start in range(0, 8, 4):
+            reference(input_ids=calib[start:start + 4], use_cache=False)
+    for h in hooks:
+        h.remove()
+    down = awq(layer1.mlp.down_proj.weight.data, captured["down"], SPEC, n_grid=10)
+    assert torch.equal(down.qweights[0].codes(), report.qtensors["model.layers.1.mlp.down_proj"].codes())
+    attn = layer1.self_attn
+    qkv = awq([attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data], captured["q"], SPEC,
+              n_grid=10, clip=[False, False, True])  # (the reference's clip search skips q and k)
+    for k, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        assert torch.equal(qkv.qweights[k].codes(), report.qtensors[f"model.layers.1.self_attn.{name}"].codes())
