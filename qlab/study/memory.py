@@ -733,20 +733,20 @@ def seed_figures() -> pd.DataFrame:
 
 # ---------------------------------------------------------------- a decision table from measured results
 
-# Measured on the embedded model (README "Calibrated PTQ on the embedded model", notebook 08 full mode and
+# Measured on the embedded model (README "Calibrated PTQ on the embedded model", notebook 08 full mode of 2026-12-03 and
 # ``python -m qlab.benchmarks.two_bit``; the peers table for NF4): 16 evaluation windows of 512 tokens, float
 # perplexity 28.92. ``weights`` is the decoder blocks' format as the calculator takes it (QuIP#'s E8P: 2.003 bits).
 # RTN int2's KL and top-1 come from the same benchmark's table (the README prints its perplexity only).
 FLOAT_PPL = 28.92
 MEASURED_PTQ = pd.DataFrame([
-    ("W8A8 SmoothQuant (a=0.5)", "smoothquant", "int8-channel-sym-absmax", 29.44, 0.018, 0.924),
-    ("W8A8 naive", "w8a8", "int8-channel-sym-absmax", 29.73, 0.033, 0.895),
-    ("AWQ int4 g128", "awq", "int4-g128-asym-minmax", 36.51, 0.218, 0.751),
+    ("W8A8 SmoothQuant (a=0.5)", "smoothquant", "int8-channel-sym-absmax", 29.50, 0.0185, 0.924),
+    ("W8A8 naive", "w8a8", "int8-channel-sym-absmax", 29.79, 0.0336, 0.894),
+    ("AWQ int4 g128", "awq", "int4-g128-asym-minmax", 36.03, 0.218, 0.748),
     ("NF4 b64 (bitsandbytes)", "rtn", "nf4-b64-sfp32", 36.62, 0.285, 0.711),
-    ("GPTQ int4 g128", "gptq", "int4-g128-asym-minmax", 39.18, 0.324, 0.709),
+    ("GPTQ int4 g128", "gptq", "int4-g128-asym-minmax", 39.61, 0.337, 0.698),
     ("RTN int4 g128", "rtn", "int4-g128-asym-minmax", 38.45, 0.394, 0.676),
-    ("GPTQ int3 g128", "gptq", "int3-g128-asym-minmax", 88.9, 1.13, 0.493),
-    ("AWQ int3 g128", "awq", "int3-g128-asym-minmax", 92.3, 1.16, 0.480),
+    ("GPTQ int3 g128", "gptq", "int3-g128-asym-minmax", 95.0, 1.198, 0.487),
+    ("AWQ int3 g128", "awq", "int3-g128-asym-minmax", 90.15, 1.129, 0.484),
     ("RTN int3 g128", "rtn", "int3-g128-asym-minmax", 151.9, 1.72, 0.346),
     ("QuIP# E8P 2-bit", "quip", 2.0029387297453702, 87.88, 1.158, 0.498),
     ("RTN int2 g128", "rtn", "int2-g128-asym-minmax", 3464612.0, 11.71, 0.0049),

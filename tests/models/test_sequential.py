@@ -97,9 +97,11 @@ def test_calibration_pass_stops_at_the_last_linear(method, passes):
     assert q == passes
 
 
-def test_awq_through_the_walker_on_a_tiny_llama():
+def _awq_on_tiny_llama():
+    """(AWQ-quantized model, its float copy, the calibration windows, the size report) of a tiny Llama whose
+    activations have outlier channels, as in real LLMs."""
     model = tiny_llama()
-    for name, p in model.named_parameters():  # give the activations outlier channels, as in real LLMs
+    for name, p in model.named_parameters():
         if "layernorm" in name:
             p.data = torch.ones_like(p)
             p.data[:3] = 30.0
@@ -107,6 +109,11 @@ def test_awq_through_the_walker_on_a_tiny_llama():
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     model, report = quantize_model(model, {"model.layers.*": {"method": "awq", "spec": SPEC, "n_grid": 10}}, calib,
                                    batch_size=4)
+    return model, reference, calib, report
+
+
+def test_awq_through_the_walker_on_a_tiny_llama():
+    model, reference, calib, report = _awq_on_tiny_llama()
     results = report.qtensors
     assert len(results) == 2 * 7
     for name, qt in results.items():
@@ -118,15 +125,7 @@ def test_awq_through_the_walker_on_a_tiny_llama():
 def test_awq_calibrates_on_the_float_models_activations():
     """As llm-awq (run_awq takes each layer's inputs from the float layer before it): AWQ of layer 1 through the
     walker equals AWQ run by hand on layer 1's weights with the float model's own inputs, bit for bit."""
-    model = tiny_llama()
-    for name, p in model.named_parameters():
-        if "layernorm" in name:
-            p.data = torch.ones_like(p)
-            p.data[:3] = 30.0
-    reference = copy.deepcopy(model)
-    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    _, report = quantize_model(model, {"model.layers.*": {"method": "awq", "spec": SPEC, "n_grid": 10}}, calib,
-                               batch_size=4)
+    _, reference, calib, report = _awq_on_tiny_llama()
     layer1 = reference.model.layers[1]
     captured = {"q": [], "down": []}
     hooks = [layer1.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured["q"].append(a[0])),
