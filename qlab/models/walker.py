@@ -20,7 +20,8 @@ does: the inputs of layer 0 are captured once; per layer, the inputs of every Li
 needs are captured (Linears that read the same tensor, q/k/v and gate/up, form one group and get one
 method call), each group is quantized in forward order, scales a method returns are folded into the op
 before the group (an RMSNorm, or v_proj / up_proj), and the quantized layer's outputs feed the next layer.
-Methods calibrated on the float model (SmoothQuant's statistics) propagate through a float copy instead.
+Methods calibrated on the float model (AWQ, as llm-awq; SmoothQuant's statistics) take the next layer's
+inputs from the calibration pass itself, run through the whole layer before anything in it is quantized.
 Everything outside the decoder layers (embeddings, lm_head) is quantized on its own.
 
 Modes: ``"fake"`` replaces each weight by its de-quantized values (float storage); ``"packed"`` swaps in
