@@ -406,7 +406,8 @@ def quantize_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
             while pending:
                 want = not sequential and float_outputs is None and i + 1 < len(layers)  # (the layer is float still)
                 groups, outputs = _capture(layer, {n: linears[n] for n in pending}, store, keep, outputs=want)
-                float_outputs = outputs if want else float_outputs
+                if want:
+                    float_outputs = outputs
                 todo = groups[:1] if true_sequential else groups
                 for names, X in todo:
                     walk.quantize_group([prefix + n for n in names], X, triples)

@@ -122,10 +122,6 @@ def _quadratic_forms(dW: torch.Tensor, lower: torch.Tensor, ends: list, block: i
     return totals
 
 
-def _quadratic_form(dW: torch.Tensor, H: torch.Tensor, block: int = 128) -> float:
-    """tr(dW H dW^T) for a symmetric H (see ``_quadratic_forms``)."""
-    return _quadratic_forms(dW, _lower_doubled(H), [0, dW.shape[0]], block)[0]
-
 
 def search_scale(weights, X, spec, n_grid: int = 20, n_tokens: int = 4096):
     """Grid search of alpha. Returns (s, alpha, losses[n_grid]) with losses the mean squared output error

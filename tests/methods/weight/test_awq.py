@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlab.methods.weight.awq import (_quadratic_form, apply_clip, awq, awq_scales, mean_abs, sample_tokens,
+from qlab.methods.weight.awq import (_lower_doubled, _quadratic_forms, apply_clip, awq, awq_scales, mean_abs, sample_tokens,
                                      search_clip, search_scale)
 from qlab.methods.weight.rtn import rtn
 from qlab.core.quant import fake_quant, quantize
@@ -208,10 +208,12 @@ def test_channels_dead_in_calibration_keep_scale_one(real_layer):
 
 
 @pytest.mark.parametrize("in_features,block", [(576, 256), (1536, 256), (100, 7)])
-def test_quadratic_form_from_the_upper_triangle(gen, in_features, block):
-    """tr(dW H dW^T) from H's blocks on and above the diagonal is the full product's value."""
+def test_quadratic_forms_from_the_lower_triangle(gen, in_features, block):
+    """tr(dW_k H dW_k^T) of each of two stacked Linears (96 and 40 rows), from H's lower triangle with the
+    off-diagonal doubled, is the full product's value in float64."""
     X = torch.randn(2000, in_features, generator=gen) * torch.rand(in_features, generator=gen) * 3
     H = X.T @ X
-    dW = torch.randn(96, in_features, generator=gen) * 0.01
-    assert _quadratic_form(dW, H, block) == pytest.approx(float(((dW.double() @ H.double()) * dW.double()).sum()),
-                                                          rel=1e-5)
+    dW = torch.randn(136, in_features, generator=gen) * 0.01
+    forms = _quadratic_forms(dW, _lower_doubled(H), [0, 96, 136], block)
+    for form, rows in zip(forms, (dW[:96], dW[96:])):
+        assert form == pytest.approx(float(((rows.double() @ H.double()) * rows.double()).sum()), rel=1e-5)
