@@ -49,12 +49,10 @@ if __name__ == "__main__":
     args = p.parse_args()
     torch.set_num_threads(1)
     out = compute_all()
-    if args.update:  # the entries under PREFIX that no longer equal what this machine's files expect
+    if args.update:  # the entries under PREFIX whose value here equals none recorded (golden.pt's or a platform's)
         files = {path: torch.load(path, weights_only=False) for path in [HERE / "golden.pt", *sorted(HERE.glob("platform-*.pt"))]}
-        expected = {}
-        for recorded in files.values():  # golden.pt first, then a platform file's entries in place of its own
-            expected.update({k: v for k, v in recorded.items() if k != "__machine__"})
-        moved = [k for k in out if k.startswith(args.update) and not same(out[k], expected[k])]
+        moved = [k for k in out if k.startswith(args.update)
+                 and not any(k in recorded and same(out[k], recorded[k]) for recorded in files.values())]
         for path, recorded in files.items():
             keys = [k for k in moved if k in recorded]
             recorded.update({k: out[k] for k in keys})
